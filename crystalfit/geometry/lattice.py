@@ -1,0 +1,113 @@
+"""Lattice parameters, fractional/Cartesian conversion and wrapping (torch)."""
+from __future__ import annotations
+
+
+
+import torch
+from torch import Tensor
+
+
+def wrap_frac(frac: Tensor) -> Tensor:
+    """Wrap fractional coordinates into ``[0, 1)``.
+
+    ``x - floor(x)`` can round to exactly 1.0 for tiny negative ``x`` in
+    floating point; those entries are mapped to 0.0 so the result is always
+    in the half-open interval.
+
+    Parameters
+    ----------
+    frac : Tensor, shape (..., 3)
+
+    Returns
+    -------
+    Tensor, same shape, values in [0, 1).
+    """
+    out = frac - torch.floor(frac)
+    return torch.where(out >= 1.0, out - 1.0, out)
+
+
+def minimum_image_frac(dfrac: Tensor) -> Tensor:
+    """Map fractional displacements into ``[-0.5, 0.5)`` (per component)."""
+    return dfrac - torch.floor(dfrac + 0.5)
+
+
+def lattice_params_to_matrix(lengths: Tensor, angles: Tensor) -> Tensor:
+    """Lattice matrix from lengths (Angstrom) and angles (degrees).
+
+    Uses the CDVAE / DiffCSP convention: c along z, a in the xz-plane.
+
+    Parameters
+    ----------
+    lengths : Tensor, shape (B, 3)
+    angles : Tensor, shape (B, 3), alpha, beta, gamma in degrees.
+
+    Returns
+    -------
+    Tensor, shape (B, 3, 3), rows are a, b, c.
+    """
+    a, b, c = lengths.unbind(-1)
+    al, be, ga = torch.deg2rad(angles).unbind(-1)
+    cos_al, cos_be, cos_ga = torch.cos(al), torch.cos(be), torch.cos(ga)
+    sin_al, sin_be = torch.sin(al), torch.sin(be)
+    val = (cos_al * cos_be - cos_ga) / (sin_al * sin_be)
+    val = torch.clamp(val, -1.0, 1.0)
+    gamma_star = torch.arccos(val)
+    zeros = torch.zeros_like(a)
+    va = torch.stack([a * sin_be, zeros, a * cos_be], dim=-1)
+    vb = torch.stack(
+        [-b * sin_al * torch.cos(gamma_star), b * sin_al * torch.sin(gamma_star), b * cos_al],
+        dim=-1,
+    )
+    vc = torch.stack([zeros, zeros, c], dim=-1)
+    return torch.stack([va, vb, vc], dim=-2)
+
+
+def lattice_matrix_to_params(lattice: Tensor) -> tuple[Tensor, Tensor]:
+    """Lengths (Angstrom) and angles (degrees) of lattice matrices ``(B, 3, 3)``."""
+    lengths = lattice.norm(dim=-1)
+    a, b, c = lattice.unbind(-2)
+    la, lb, lc = lengths.unbind(-1)
+
+    def angle(u, v, nu, nv):
+        cos = (u * v).sum(-1) / (nu * nv)
+        return torch.rad2deg(torch.arccos(torch.clamp(cos, -1.0, 1.0)))
+
+    angles = torch.stack([angle(b, c, lb, lc), angle(a, c, la, lc), angle(a, b, la, lb)], dim=-1)
+    return lengths, angles
+
+
+def metric_tensor(lattice: Tensor) -> Tensor:
+    """``L L^T`` (B, 3, 3): the O(3)-invariant metric of the cell (Angstrom^2)."""
+    return lattice @ lattice.transpose(-1, -2)
+
+
+def reciprocal_lattice(lattice: Tensor) -> Tensor:
+    """Reciprocal vectors without the 2 pi factor, as rows: ``inv(L)^T``.
+
+    ``G = h a* + k b* + l c*`` is then ``hkl @ reciprocal_lattice(L)``.
+    """
+    return torch.linalg.inv(lattice).transpose(-1, -2)
+
+
+def frac_to_cart(frac: Tensor, lattice: Tensor, batch: Tensor | None = None) -> Tensor:
+    """Cartesian positions (Angstrom) of fractional coordinates.
+
+    Parameters
+    ----------
+    frac : Tensor, shape (N, 3)
+    lattice : Tensor, shape (B, 3, 3) (or (3, 3) when ``batch`` is None)
+    batch : Tensor, shape (N,), long, crystal index of each atom.
+    """
+    if batch is None:
+        return frac @ lattice
+    return torch.einsum("ni,nij->nj", frac, lattice[batch])
+
+
+def cart_to_frac(cart: Tensor, lattice: Tensor, batch: Tensor | None = None) -> Tensor:
+    """Fractional coordinates of Cartesian positions (inverse of :func:`frac_to_cart`)."""
+    inv = torch.linalg.inv(lattice)
+    if batch is None:
+        return cart @ inv
+    return torch.einsum("ni,nij->nj", cart, inv[batch])
+
+
