@@ -343,7 +343,7 @@ def relax(
     --------
     >>> from ase.build import bulk
     >>> res = relax([bulk("Cu", a=3.7)], calculator="emt", fmax=0.01)
-    >>> bool(res.converged[0]), round(res.atoms[0].cell[0, 1] * 2, 2)  # EMT Cu: a ~ 3.59
+    >>> bool(res.converged[0]), round(float(res.atoms[0].cell[0, 1]) * 2, 2)  # EMT Cu: a ~ 3.59
     (True, 3.59)
     """
     if isinstance(structures, (Atoms, str, bytes)) or hasattr(structures, "lattice"):
