@@ -11,6 +11,7 @@
 """
 from .denoiser import DenoiserCalculator
 from .relax import RelaxResult, emt_supported_elements, make_calculator, quiet_optimizer, relax
+from .xrd_restraint import XRDRestraint
 
 __all__ = [
     "DenoiserCalculator",
@@ -19,4 +20,5 @@ __all__ = [
     "make_calculator",
     "quiet_optimizer",
     "relax",
+    "XRDRestraint",
 ]

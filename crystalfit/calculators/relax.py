@@ -24,7 +24,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from ase import Atoms, units
@@ -113,7 +113,9 @@ def make_calculator(calculator: Any = "emt", *, copy_instance: bool = False) -> 
             f"calculator={calculator!r} is not a known name; use 'emt', 'chgnet', an ASE Calculator "
             "instance or a zero-argument function returning one"
         )
-    if isinstance(calculator, BaseCalculator) or hasattr(calculator, "get_property"):
+    if not isinstance(calculator, type) and (
+        isinstance(calculator, BaseCalculator) or hasattr(calculator, "get_property")
+    ):
         return copy.deepcopy(calculator) if copy_instance else calculator
     if callable(calculator):
         calc = calculator()
@@ -197,23 +199,25 @@ def _relax_one(
             f"structure {index}: relax_cell=True needs the stress, but the calculator "
             f"{type(calc).__name__} implements only {list(props)}; pass relax_cell=False"
         )
-    try:
-        e0 = float(atoms.get_potential_energy()) if has_energy else math.nan
-        obj = FrechetCellFilter(atoms, scalar_pressure=pressure * units.GPa) if relax_cell else atoms
-        opt = quiet_optimizer(optimizer)(obj, logfile=None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        # CHGNet 0.4 builds a tensor from a grad-tracking scalar at every call
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad", category=UserWarning)
+        try:
+            e0 = float(atoms.get_potential_energy()) if has_energy else math.nan
+            obj = FrechetCellFilter(atoms, scalar_pressure=pressure * units.GPa) if relax_cell else atoms
+            opt = quiet_optimizer(optimizer)(obj, logfile=None)
             converged = bool(opt.run(fmax=fmax, steps=steps))
-        final_fmax = _max_force(obj)
-        energy = float(atoms.get_potential_energy()) if has_energy else math.nan
-        forces = np.array(atoms.get_forces())
-        stress = np.array(atoms.get_stress()) if "stress" in props else None
-    except PropertyNotImplementedError as exc:
-        raise PropertyNotImplementedError(
-            f"structure {index}: optimizer {optimizer!r} needs a property the calculator "
-            f"{type(calc).__name__} does not provide ({exc}); force-only calculators work with "
-            "FIRE, MDMin, BFGS or LBFGS"
-        ) from exc
+            final_fmax = _max_force(obj)
+            energy = float(atoms.get_potential_energy()) if has_energy else math.nan
+            forces = np.array(atoms.get_forces())
+            stress = np.array(atoms.get_stress()) if "stress" in props else None
+        except PropertyNotImplementedError as exc:
+            raise PropertyNotImplementedError(
+                f"structure {index}: optimizer {optimizer!r} needs a property the calculator "
+                f"{type(calc).__name__} does not provide ({exc}); force-only calculators work with "
+                "FIRE, MDMin, BFGS or LBFGS"
+            ) from exc
     out = atoms.copy()
     out.wrap()
     out.calc = SinglePointCalculator(
@@ -355,7 +359,9 @@ def relax(
     if not (isinstance(steps, (int, np.integer)) and steps >= 0):
         raise CrystalfitError(f"steps must be a non-negative int, got {steps!r}")
     quiet_optimizer(optimizer)  # validate early
-    if isinstance(calculator, str) and calculator.lower() == "emt":
+    from ase.calculators.emt import EMT
+
+    if (isinstance(calculator, str) and calculator.lower() == "emt") or calculator is EMT or isinstance(calculator, EMT):
         _check_emt_elements(atoms_list)
     if isinstance(calculator, str) and calculator.lower() == "chgnet":
         try:

@@ -15,7 +15,7 @@ Where the files are looked for, in order:
 3. otherwise the file is downloaded from the CDVAE GitHub repository into the
    cache (``download=False`` or ``CRYSTALFIT_NO_DOWNLOAD=1`` turns this off).
 
-Parsed structures are cached as one ``.npz`` (no pickle) under
+Parsed structures are cached as one ``.npz`` (no pickle: lattices, Cartesian positions, numbers, offsets) under
 ``<cache>/parsed/``, keyed by (file path, size, mtime, reduce); the data
 directory itself is never written to.
 """
@@ -86,7 +86,7 @@ REDUCE_CHOICES = (None, "niggli")
 RESERVED_KEYS = frozenset(
     {"structures", "ids", "index", "num_atoms", "properties", "property_names", "DESCR", "filename", "name", "split"}
 )
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _TIMEOUT_S = 30.0
 
 
@@ -158,6 +158,9 @@ def _download(url: str, dest: Path, timeout: float) -> None:
                     f"{total if total is not None else 'an unknown size'} (Content-Length); the partial file was "
                     "deleted; retry, or download the file yourself"
                 )
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, dest)
         except BaseException:
             if os.path.exists(tmp):
@@ -282,11 +285,11 @@ def _load_cache(cache: Path, key: str, ids: list[str]) -> list[Atoms] | None:
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) != key or len(z["ids"]) < len(ids) or list(z["ids"][: len(ids)]) != ids:
                 return None
-            lat, frac, num, off = z["lattices"], z["fracs"], z["numbers"], z["offsets"]
+            lat, pos, num, off = z["lattices"], z["positions"], z["numbers"], z["offsets"]
     except (OSError, KeyError, ValueError):
         return None
     return [
-        Atoms(numbers=num[off[i] : off[i + 1]], cell=lat[i], scaled_positions=frac[off[i] : off[i + 1]], pbc=True)
+        Atoms(numbers=num[off[i] : off[i + 1]], cell=lat[i], positions=pos[off[i] : off[i + 1]], pbc=True)
         for i in range(len(ids))
     ]
 
@@ -297,7 +300,7 @@ def _save_cache(cache: Path, key: str, ids: list[str], structures: list[Atoms]) 
         key=np.array(key),
         ids=np.array(ids, dtype=str),
         lattices=np.array([a.cell[:] for a in structures], dtype=np.float64).reshape(-1, 3, 3),
-        fracs=np.concatenate([a.get_scaled_positions(wrap=False) for a in structures]).astype(np.float64),
+        positions=np.concatenate([a.positions for a in structures]).astype(np.float64),  # exact round trip
         numbers=np.concatenate([a.numbers for a in structures]).astype(np.int64),
         offsets=np.concatenate([[0], np.cumsum(counts)]),
     )

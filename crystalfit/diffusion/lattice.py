@@ -121,6 +121,10 @@ class LatticeDDPM(nn.Module):
         (about 6.4e4 at ``t = T``): the estimate is only informative at small ``t``.
         """
         self._check(x_t, t, "x_t", eps_hat, "eps_hat")
+        return self._tweedie_x0(x_t, eps_hat, t)
+
+    def _tweedie_x0(self, x_t: Tensor, eps_hat: Tensor, t: Tensor) -> Tensor:
+        """Unchecked :meth:`tweedie_x0` (no host synchronisation; used by samplers)."""
         abar = _per_sample(self.schedule.alphas_cumprod, t, x_t)
         return (x_t - torch.sqrt(1.0 - abar) * eps_hat) / torch.sqrt(abar)
 

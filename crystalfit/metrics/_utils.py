@@ -17,7 +17,9 @@ import numpy as np
 from joblib import Parallel, delayed, effective_n_jobs
 
 from ..exceptions import CrystalfitError, InvalidStructureError
-from ..io import to_structure
+
+# crystalfit.io is imported lazily: it pulls in torch, which joblib workers
+# that only compute fingerprints or StructureMatcher RMS do not need.
 
 __all__ = ["StructureList", "as_structures", "as_structure_or_none", "parallel_map", "check_same_length"]
 
@@ -32,6 +34,8 @@ def as_structure_or_none(obj: Any, index: int | None = None):
     """
     if obj is None:
         return None
+    from ..io import to_structure
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -15,12 +15,12 @@
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..exceptions import CrystalfitError, ShapeError
-from ..io import to_atoms
 from ._utils import as_float_array, as_structures
 
 __all__ = [
@@ -97,6 +97,8 @@ def predict_property(model: Any, structures: Sequence[Any]) -> np.ndarray:
             f"property model of type {type(model).__name__} has no .predict method; pass a fitted regressor "
             "(e.g. crystalfit PropertyRegressor) or the property values themselves"
         )
+    from ..io import to_atoms
+
     structs = as_structures(structures, "structures")
     keep = [i for i, s in enumerate(structs) if s is not None]
     out = np.full(len(structs), np.nan)
@@ -177,10 +179,12 @@ def frechet_distance_gaussian(mu_a, sigma_a, mu_b, sigma_b, eps: float = 1e-6) -
             f"sigma_b {sb.shape}; expected (d,), (d,), (d, d), (d, d)"
         )
     diff = mu_a - mu_b
-    covmean = sqrtm(sa @ sb)
-    if not np.all(np.isfinite(covmean)):
-        offset = eps * np.eye(d)
-        covmean = sqrtm((sa + offset) @ (sb + offset))
+    with warnings.catch_warnings():  # singular products are handled below
+        warnings.simplefilter("ignore")
+        covmean = sqrtm(sa @ sb)
+        if not np.all(np.isfinite(covmean)):
+            offset = eps * np.eye(d)
+            covmean = sqrtm((sa + offset) @ (sb + offset))
     covmean = np.real(covmean)
     value = float(diff @ diff + np.trace(sa) + np.trace(sb) - 2.0 * np.trace(covmean))
     return max(value, 0.0)
@@ -229,6 +233,8 @@ def frechet_model_distance(generated: Sequence[Any], reference: Sequence[Any], m
             f"embedding model of type {type(model).__name__} has no .transform method; pass a fitted model whose "
             "transform(structures) returns (n, d) embeddings, e.g. crystalfit PropertyRegressor"
         )
+    from ..io import to_atoms
+
     embs = []
     for name, items in (("generated", generated), ("reference", reference)):
         atoms = [to_atoms(s, i) for i, s in enumerate(as_structures(items, name)) if s is not None]

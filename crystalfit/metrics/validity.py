@@ -212,8 +212,8 @@ def composition_validity(
         ``None`` is invalid.
     n_jobs : int, optional
         joblib workers.  Each distinct reduced composition is tested once
-        (in the calling process, cached); ``n_jobs`` only parallelises the
-        distinct compositions not yet in the cache.
+        per call; the tests are spread over the workers, and each process
+        keeps its own ``lru_cache`` of results.
     verbose : bool
         tqdm progress bar.
 

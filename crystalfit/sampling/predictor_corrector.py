@@ -29,35 +29,41 @@ ModelFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 class Guidance(Protocol):
     """Protocol of a guidance term added to the predictor's score (Eqs. 45-46 of the paper).
 
-    The sampler calls the object once per predictor step, with keyword arguments only::
+    The sampler calls the object once per predictor step (never in the corrector),
+    with keyword arguments only, under ``torch.enable_grad()``::
 
         g = guidance(frac=frac, score=score, sigma=sigma, t=t, lattice=lattice)
+        score_used = (score + g).detach()
 
-    Parameters received
-    -------------------
-    frac : Tensor, shape (N, 3)
-        Current coordinates :math:`x_{t-1/2}` (after the corrector), a leaf with
-        ``requires_grad=True``; autograd is enabled during the call.
-    score : Tensor, shape (N, 3)
-        Unconditional score ``d/dx log p_t`` from the network, still attached to the
-        graph through ``frac`` (so ``d score / d frac`` terms are available by autograd).
-    sigma : Tensor, shape (N, 1)
-        Per-atom noise level ``sigma_t`` (fractional units).
-    t : Tensor, shape (B,), long
-        Diffusion time of each crystal.
-    lattice : Tensor, shape (B, 3, 3), detached
-        The fixed lattice when the sampler has one, otherwise the Tweedie estimate
-        ``L0_hat`` from the same network call (very noisy at large ``t``).
-
-    Returns
-    -------
-    Tensor, shape (N, 3)
-        Guidance (e.g. ``d/dx_t log p(y | x_t)``) in score units; the sampler adds it to
-        the score and detaches the sum.  The object knows its own crystals (species,
-        batch index, targets); the sampler does not pass them.
+    The object knows its own crystals (species, batch index, targets, score ratio);
+    the sampler does not pass them.
     """
 
     def __call__(self, *, frac: Tensor, score: Tensor, sigma: Tensor, t: Tensor, lattice: Tensor) -> Tensor:
+        """Guidance for the current predictor step.
+
+        Parameters
+        ----------
+        frac : Tensor, shape (N, 3)
+            Current coordinates :math:`x_{t-1/2}` (after the corrector), in [0, 1), a
+            leaf tensor with ``requires_grad=True``.
+        score : Tensor, shape (N, 3)
+            Unconditional score ``d/dx log p_t`` from the network, still attached to the
+            graph through ``frac`` (so ``d score / d frac`` terms are available by
+            autograd; it has no graph if the model ignores ``frac``).
+        sigma : Tensor, shape (N, 1)
+            Per-atom noise level ``sigma_t`` (fractional units).
+        t : Tensor, shape (B,), long
+            Diffusion time of each crystal.
+        lattice : Tensor, shape (B, 3, 3), detached
+            The fixed lattice when the sampler has one, otherwise the Tweedie estimate
+            ``L0_hat`` from the same network call (very noisy at large ``t``).
+
+        Returns
+        -------
+        Tensor, shape (N, 3)
+            Guidance (e.g. ``d/dx_t log p(y | x_t)``) in score units, added to ``score``.
+        """
         ...
 
 
@@ -163,7 +169,8 @@ def predictor_corrector_sample(
     model_fn : callable
         ``model_fn(lattice (B,3,3), frac (N,3), t (B,) long) -> (eps_lattice_hat (B,3,3), pred_x (N,3))``.
     lattice_T : Tensor, shape (B, 3, 3), or None
-        Initial lattices (usually ``N(0, I)``); may be None when ``fixed_lattice`` is given.
+        Initial lattices (usually ``N(0, I)``); ignored, and may be None, when
+        ``fixed_lattice`` is given.
     frac_T : Tensor, shape (N, 3)
         Initial fractional coordinates (usually ``U[0,1)``); wrapped into [0, 1).
     batch : Tensor, shape (N,), long
@@ -282,7 +289,7 @@ def predictor_corrector_sample(
                     if fixed_lattice is not None:
                         lat_est = lattice
                     else:
-                        lat_est = lattice_process.tweedie_x0(lattice, eps_l.detach(), t_b)
+                        lat_est = lattice_process._tweedie_x0(lattice, eps_l.detach(), t_b)
                     g = guidance(frac=frac_req, score=score, sigma=torus_process.sigma_at(t_a, frac),
                                  t=t_b, lattice=lat_est.detach())
                     if not isinstance(g, Tensor) or g.shape != frac.shape:

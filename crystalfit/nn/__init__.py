@@ -1,0 +1,26 @@
+"""e3nn networks: the periodic equivariant backbone, its input features and heads."""
+from .backbone import EquivariantRMSNorm, InteractionBlock, PeriodicEquivariantNetwork, fully_connected_edges
+from .embeddings import (
+    GaussianRadialBasis,
+    SinusoidalTimeEmbedding,
+    fourier_features,
+    lattice_invariants,
+    periodic_envelope,
+)
+from .heads import LatticeHead, ScalarMLP, cartesian_to_fractional_gradient, segment_mean
+
+__all__ = [
+    "EquivariantRMSNorm",
+    "GaussianRadialBasis",
+    "InteractionBlock",
+    "LatticeHead",
+    "PeriodicEquivariantNetwork",
+    "ScalarMLP",
+    "SinusoidalTimeEmbedding",
+    "cartesian_to_fractional_gradient",
+    "fourier_features",
+    "fully_connected_edges",
+    "lattice_invariants",
+    "periodic_envelope",
+    "segment_mean",
+]

@@ -1,0 +1,109 @@
+"""XRDGuidedDiffusion: conformance, sampling modes and input errors (tiny settings)."""
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV
+
+from crystalfit import XRDGuidedDiffusion
+from crystalfit.datasets import make_perovskite, make_perovskite_arrangements
+from crystalfit.exceptions import NonFiniteError, ShapeError, TooManyAtomsError, UnknownElementError, CrystalfitError
+from crystalfit.testing.estimator_checks import check_estimator
+from crystalfit.xrd import miller_indices, single_crystal_intensities
+
+TINY = dict(hidden_scalars=16, hidden_vectors=4, n_layers=1, n_freqs=4, n_radial=4, time_dim=16)
+
+
+def _model(**kw):
+    params = dict(network=dict(TINY), max_epochs=2, batch_size=32, n_steps=4, random_state=0, device="cpu")
+    params.update(kw)
+    return XRDGuidedDiffusion(**params)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_perovskite_arrangements(["crystal-1", "crystal-2"], 64, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    return _model().fit(data)
+
+
+def test_conformance(data):
+    I = single_crystal_intensities(make_perovskite("crystal-1"))
+    check_estimator(_model(), data, sample_args=("CoN2OTl",), sample_kwargs=dict(n_samples=2),
+                    nested_param=("network__hidden_scalars", 8))
+    check_estimator(_model(), data, sample_args=("CoN2OTl",), sample_kwargs=dict(n_samples=2, intensities=I))
+
+
+def test_not_fitted():
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        _model().sample("CoN2OTl")
+
+
+def test_sample_shapes_entry_major(fitted):
+    I1 = single_crystal_intensities(make_perovskite("crystal-1"))
+    I2 = single_crystal_intensities(make_perovskite("crystal-2"))
+    out = fitted.sample(["CoN2OTl", "TlCoON2"], n_samples=3, intensities=np.stack([I1, I2]))
+    assert len(out) == 6
+    assert [a.info["entry"] for a in out] == [0, 0, 0, 1, 1, 1]
+    assert all(a.info["guided"] for a in out)
+    assert sorted(out[0].get_chemical_symbols()) == sorted(["Co", "N", "N", "O", "Tl"])
+    st = fitted.last_sample_stats_
+    assert st["n_structures"] == 6 and st["n_model_calls"] > 0
+
+
+def test_guidance_changes_result(fitted):
+    I = single_crystal_intensities(make_perovskite("crystal-2"))
+    a = fitted.sample("CoN2OTl", n_samples=2, random_state=5)
+    b = fitted.sample("CoN2OTl", n_samples=2, random_state=5, intensities=I)
+    assert not np.allclose(a[0].get_scaled_positions(), b[0].get_scaled_positions())
+
+
+def test_fixed_lattice(fitted):
+    L = np.diag([4.24596] * 3)
+    out = fitted.sample("CoN2OTl", n_samples=2, lattice=L)
+    assert np.allclose(out[0].cell[:], L, atol=1e-6)
+    coords_only = _model(learn_lattice=False).fit(make_perovskite_arrangements(["crystal-1"], 16, random_state=1))
+    with pytest.raises(CrystalfitError, match="learn_lattice=False.*lattice="):
+        coords_only.sample("CoN2OTl")
+    assert len(coords_only.sample("CoN2OTl", lattice=L)) == 1
+
+
+def test_sample_errors(fitted):
+    M = len(miller_indices(2))
+    with pytest.raises(ShapeError, match=rf"intensities has shape \(124,\), expected \({M},\)"):
+        fitted.sample("CoN2OTl", intensities=np.ones(124))
+    bad = np.ones(M)
+    bad[3] = np.nan
+    with pytest.raises(NonFiniteError, match=r"intensities\[0, 3\] is nan"):
+        fitted.sample("CoN2OTl", intensities=bad)
+    bad[3] = -2.0
+    with pytest.raises(CrystalfitError, match=r"intensities\[0, 3\] is -2 < 0"):
+        fitted.sample("CoN2OTl", intensities=bad)
+    with pytest.raises(UnknownElementError, match=r"contains Fe, never seen during fit"):
+        fitted.sample("FeN2OTl")
+    with pytest.raises(TooManyAtomsError, match=r"has 6 atoms, more than the 5"):
+        fitted.sample("Co2N2OTl")
+    with pytest.raises(UnknownElementError, match="unknown element symbol 'Xq'"):
+        fitted.sample("XqO")
+
+
+def test_score_and_gridsearch(data):
+    m = _model(max_epochs=1)
+    search = GridSearchCV(m, {"network__hidden_scalars": [8, 16]}, cv=2)
+    search.fit(data[:32])
+    assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
+    assert search.best_params_["network__hidden_scalars"] in (8, 16)
+
+
+def test_predict_score_shape(fitted, data):
+    s = fitted.predict_score(data[:3], noise_level=0.01)
+    assert len(s) == 3 and s[0].shape == (5, 3) and np.all(np.isfinite(s[0]))
+
+
+def test_unknown_network_setting():
+    with pytest.raises(CrystalfitError, match="unknown network setting"):
+        _model(network=dict(bogus=1)).fit(make_perovskite_arrangements(["crystal-1"], 8, random_state=0))
