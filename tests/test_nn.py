@@ -1,5 +1,6 @@
 """Periodic equivariant backbone: features, graph, heads and numerics against independent references."""
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -251,13 +252,15 @@ def test_heads_can_be_switched_off_and_parameters_counted():
     assert PeriodicEquivariantNetwork().n_parameters < 300_000
 
 
-def test_state_dict_round_trip_reproduces_outputs():
+def test_state_dict_and_pickle_round_trips_reproduce_outputs():
     batch = _random_batch([3, 2])
     net = _net(seed=1)
     fresh = _net(seed=2)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(batch, t=torch.tensor([1, 2]))["lattice"], net(batch, t=torch.tensor([1, 2]))["lattice"])
+    unpickled = pickle.loads(pickle.dumps(net))
+    torch.testing.assert_close(unpickled(batch)["atom_vectors"], net(batch)["atom_vectors"], atol=0, rtol=0)
 
 
 def test_dtype_cast_restores_exact_wigner_3j_constants():
