@@ -60,7 +60,7 @@ def test_small_noise_limit(sigma):
     np.testing.assert_allclose(c, sigma**2 * (1 + sigma**2 * ds), rtol=1e-9)
 
 
-def _fine_grid_lhs(delta, c, sigma, n=40001):
+def _fine_grid_lhs(delta, c, sigma, n=20001):
     """E_{x0 ~ WN(m, c)}[g'(x_t - x0)], E[g'' + g'^2] on a uniform periodic grid (independent of the GH rule)."""
     v = (torch.arange(n, dtype=F64) + 0.5) / n - 0.5  # v = x0 - m
     w = torch.softmax(wrapped_normal_log_density(v[None], c.sqrt()[:, None]), -1)
@@ -84,7 +84,7 @@ def test_known_wrapped_normal_prior(tau):
     of the circular variance -log|E e^{2 pi i x0}| / (2 pi^2).
     """
     rng = np.random.default_rng(int(tau * 1000))
-    n = 20000
+    n = 10000
     x0 = (torch.arange(n, dtype=F64) + 0.5) / n
     mu0 = 0.3
     for sigma in [0.005, 0.05, 0.1, 0.2, 0.35, 0.5]:
@@ -258,7 +258,7 @@ def test_score_ratio_scaling_is_exact_per_crystal():
     s = torch.tensor([[1.0, 1, 1], [5, 5, 5], [1, 1, 1]], dtype=F64)
     out = rescale_to_score_ratio(g, s, torch.tensor([0, 1, 2]), 3, 2.0)
     np.testing.assert_allclose(out[0], [2 / 3, 4 / 3, 2.0])
-    assert (out[1] == 0).all() and torch.isfinite(out).all()
+    assert (out[1] == 0).all() and (out[2] == 0).all()
 
 
 def _mixture_logp(x, sig, comps, tau=0.01):

@@ -43,7 +43,8 @@ def _slow_intensities(frac, numbers, lattice, hkl, variance=None):
             dw = 1.0
             if variance is not None:
                 dw = math.exp(-2 * math.pi**2 * sum(variance[v][i] * h[i] ** 2 for i in range(3)))
-            F += f * dw * complex(math.cos(2 * math.pi * np.dot(frac[v], h)), math.sin(2 * math.pi * np.dot(frac[v], h)))
+            phase = 2 * math.pi * np.dot(frac[v], h)
+            F += f * dw * complex(math.cos(phase), math.sin(phase))
         out[m] = abs(F) ** 2
     return out
 

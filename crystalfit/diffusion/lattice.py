@@ -169,6 +169,30 @@ class LatticeDDPM(nn.Module):
             raise ShapeError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x_t.shape)} = x_t.shape")
         return self._reverse_step(x_t, eps_hat, t, t_prev, noise)
 
+    def clip_eps(self, x_t: Tensor, eps_hat: Tensor, t: Tensor, max_norm: float) -> Tensor:
+        r"""Noise prediction whose Tweedie estimate has Frobenius norm <= ``max_norm``.
+
+        The DDPM analogue of image models' ``clip_denoised``: :math:`\hat L_0` is
+        rescaled (never rotated, so O(3) equivariance is kept) to
+        :math:`\hat L_0 \min(1, c/\|\hat L_0\|_F)` and the noise is recomputed from it,
+        :math:`\hat\varepsilon = (L_t - \sqrt{\bar\alpha_t}\hat L_0)/\sqrt{1-\bar\alpha_t}`.
+        Unchanged when the estimate is inside the ball.  Why: near ``t = T`` the
+        estimate carries a ``1/sqrt(abar_t)`` (up to 6.4e4) amplification of the
+        network's error, and strided steps (``abar_t/abar_t'`` far from 1) pass it on
+        to ``L_t'``; without the clip a slightly wrong eps makes lattices of 1e6 A.
+
+        Parameters
+        ----------
+        x_t, eps_hat : Tensor, shape (B, 3, 3)
+        t : Tensor, shape (B,), long
+        max_norm : float, Angstrom (e.g. 1.5 x the largest training ||L||_F)
+        """
+        abar = _per_sample(self.schedule.alphas_cumprod, t, x_t)
+        x0 = (x_t - torch.sqrt(1.0 - abar) * eps_hat) / torch.sqrt(abar)
+        norm = torch.linalg.matrix_norm(x0).view(abar.shape)
+        x0 = x0 * torch.clamp(max_norm / norm.clamp_min(1e-30), max=1.0)
+        return (x_t - torch.sqrt(abar) * x0) / torch.sqrt(1.0 - abar)
+
     def _reverse_step(self, x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor,
                       noise: Tensor | None) -> Tensor:
         """Unchecked :meth:`reverse_step` (no host synchronisation; used by samplers)."""

@@ -41,6 +41,11 @@ from ..sampling import predictor_corrector_sample
 from .base import CrystalEstimator, make_generator, seed_from_random_state
 
 
+#: Tweedie lattice estimates are clipped to this multiple of the largest training ||L||_F
+#: during sampling (see LatticeDDPM.clip_eps).
+LATTICE_CLIP_FACTOR = 1.5
+
+
 class CSPDenoiser(nn.Module):
     """Denoiser for joint lattice / coordinate diffusion.
 
@@ -110,7 +115,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
     2
     """
 
-    _fitted_json_attrs = ("elements_", "max_atoms_", "learned_lattice_")
+    _fitted_json_attrs = ("elements_", "max_atoms_", "learned_lattice_", "lattice_norm_max_")
     _network_defaults = dict(
         hidden_scalars=64,
         hidden_vectors=16,
@@ -241,6 +246,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.elements_ = sorted(set(int(z) for z in batch.numbers.tolist()))
         self.max_atoms_ = int(batch.num_atoms.max())
         self.learned_lattice_ = bool(self.learn_lattice)
+        self.lattice_norm_max_ = float(torch.linalg.matrix_norm(batch.lattice).max())
         self.history_ = []
         self.module_ = self._build_module().to(device)
         data = batch.to(device=device, dtype=torch.float32)
@@ -461,6 +467,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
             guidance=guidance,
             generator=gen,
             progress=bool(self.verbose),
+            lattice_clip=LATTICE_CLIP_FACTOR * self.lattice_norm_max_,
         )
         elapsed = time.perf_counter() - start
         self.last_sample_stats_ = dict(

@@ -37,18 +37,22 @@ How the equations are solved (and where this differs from the paper)
 * **Solver.**  Dimensionless unknowns :math:`\tilde\delta = \delta/\sigma` and
   :math:`\ell = \log(c/\sigma^2)` (so ``c > 0`` always), residuals
   :math:`\sigma F_1 - \sigma s` and :math:`\sigma^2 F_2 - \sigma^2(s^2 + s')`, which are
-  O(1) at every noise level.  Levenberg-Marquardt (damped Newton with an exact
-  2x2 Jacobian of the quadrature) from the small-noise start; in the Gaussian
-  regime that start is already the root.  Steps are limited to a quarter period
-  in :math:`\delta` and a factor ``e^2`` in ``c``; ``c`` is kept in
-  ``[1e-6 sigma^2, min(100 sigma^2, c_max)]``.
+  O(1) at every noise level, solved by vectorised Levenberg-Marquardt (damped
+  Newton with the exact 2x2 Jacobian of the quadrature; steps limited to a
+  quarter period in :math:`\delta` and a factor ``e^2`` in ``c``; ``c`` kept in
+  ``[1e-6 sigma^2, min(100 sigma^2, c_max)]``).  Two starts: the small-noise one
+  (:math:`\tilde\delta = -\sigma s`, :math:`c = \sigma^2(1+\sigma^2 s')`; in the Gaussian
+  regime it *is* the root and the quadrature is skipped) and a first-harmonic
+  inversion that is right at large :math:`\sigma`; the better one is used first and
+  the other one retried where that fails.
 * **No solution.**  The equations have no root when the score is not one a
   wrapped-normal posterior can produce (e.g. :math:`|s|` above
   :math:`\max|g'| \approx 1/(2\sigma^2)`, or at large :math:`\sigma` with the paper's
-  ``ds = 0``).  Then Levenberg-Marquardt ends at the least-squares point (it
-  saturates: ``c`` -> its lower bound and ``delta`` -> the maximiser of
-  :math:`F_1`), which is continuous with the solutions at the edge of the
-  solvable set; those entries are flagged ``converged = False`` and carry no
+  ``ds = 0``).  Then the result is the saturated least-squares point (``c`` at its
+  lower bound, ``delta`` near the maximiser of :math:`|g'|` on the side the score
+  points to; scores above :math:`\max|g'|` are sent there without iterating),
+  which is continuous with the solutions at the edge of the solvable set; those
+  entries are flagged ``converged = False`` and carry no
   gradient with respect to the score (the least-squares point is saturated, its
   sensitivity is ill-defined).
 * **Gradients: implicit-function theorem.**  The iterations run without
@@ -127,7 +131,9 @@ def _kernel_terms(y: Tensor, sigma: Tensor, n_images: int) -> tuple[Tensor, Tens
     return q1, q2, dq1, dq2
 
 
-def wrapped_normal_log_derivatives(y: Tensor, sigma: Tensor | float, n_images: int | None = None) -> tuple[Tensor, Tensor]:
+def wrapped_normal_log_derivatives(
+    y: Tensor, sigma: Tensor | float, n_images: int | None = None
+) -> tuple[Tensor, Tensor]:
     """``g'(y)`` and ``g''(y) + g'(y)^2`` of ``g = log WN(y; 0, sigma^2)`` (period 1).
 
     Parameters

@@ -9,9 +9,11 @@ At every predictor step the sampler hands over the current coordinates
 2. predicts the intensities of that posterior, :math:`I_{calc}(h) = |\sum_v f_v
    e^{2\pi i m_v\cdot h - 2\pi^2 c_v\cdot h^2}|^2` (Eqs. 39-40);
 3. takes :math:`g = -\partial_{x_t} \sum_h (k I_{calc}(h) - I_{obs}(h))^2` by
-   autograd through ``I_calc -> (m, c) -> (x_t, s(x_t))`` (Eq. 44 up to the factor
+   autograd through ``I_calc -> m -> (x_t, s(x_t))`` (Eq. 44 up to the factor
    :math:`1/2\sigma_y^2`), which covers Eqs. (A8)-(A12) including the network
-   Jacobian, in one backward pass;
+   Jacobian, in one backward pass.  By default ``c`` blurs the atoms but is held
+   constant in the gradient (``variance_grad=False``; see :class:`XRDGuidance`
+   for why); ``variance_grad=True`` keeps the paper's ``dI/dc dc/dx_t`` term;
 4. rescales per crystal so that ``max|g| = r * max|score|`` over that crystal's
    coordinates -- the paper's "score ratio 1:r", equivalent to choosing
    :math:`\sigma_y` per step and crystal.
@@ -62,12 +64,15 @@ def rescale_to_score_ratio(g: Tensor, score: Tensor, batch: Tensor, num_crystals
     Returns
     -------
     Tensor, shape (N, 3)
-        Crystals whose guidance is zero or non-finite, or whose score is zero, get 0.
+        Crystals whose guidance is zero or has a non-finite entry, or whose score is
+        zero or has a non-finite entry, get 0.
     """
+    finite_g = _segment_max((~torch.isfinite(g)).to(g.dtype), batch, num_crystals) == 0
+    finite_s = _segment_max((~torch.isfinite(score)).to(g.dtype), batch, num_crystals) == 0
     g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
     g_max = _segment_max(g.abs(), batch, num_crystals)
     s_max = _segment_max(torch.nan_to_num(score.detach().abs(), nan=0.0, posinf=0.0), batch, num_crystals)
-    ok = (g_max > 0) & torch.isfinite(s_max)
+    ok = (g_max > 0) & finite_g & finite_s
     factor = torch.where(ok, ratio * s_max / torch.where(ok, g_max, torch.ones_like(g_max)), torch.zeros_like(g_max))
     return g * factor[batch].unsqueeze(-1)
 

@@ -144,6 +144,7 @@ def predictor_corrector_sample(
     guidance: Guidance | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    lattice_clip: float | None = None,
 ) -> PCSampleResult:
     r"""Reverse-diffuse lattices and fractional coordinates with DiffCSP's predictor-corrector.
 
@@ -196,6 +197,9 @@ def predictor_corrector_sample(
         Source of all noise (any device; noise is moved to the data's device).
     progress : bool
         Show a tqdm progress bar.
+    lattice_clip : float, optional
+        Clip the lattice Tweedie estimate to this Frobenius norm (Angstrom) before each
+        lattice step (:meth:`LatticeDDPM.clip_eps`); None: no clipping (exact SPEC 1.5).
 
     Returns
     -------
@@ -280,12 +284,16 @@ def predictor_corrector_sample(
                 eps_l, pred_x = model_fn(lattice, frac, t_b)
                 n_calls += 1
                 score = torus_process.score_from_prediction(pred_x, t_a)
+                if lattice_clip is not None and fixed_lattice is None:
+                    eps_l = lattice_process.clip_eps(lattice, eps_l, t_b, lattice_clip)
             else:
                 with torch.enable_grad():
                     frac_req = frac.detach().requires_grad_(True)
                     eps_l, pred_x = model_fn(lattice, frac_req, t_b)
                     n_calls += 1
                     score = torus_process.score_from_prediction(pred_x, t_a)
+                    if lattice_clip is not None and fixed_lattice is None:
+                        eps_l = lattice_process.clip_eps(lattice, eps_l.detach(), t_b, lattice_clip)
                     if fixed_lattice is not None:
                         lat_est = lattice
                     else:
