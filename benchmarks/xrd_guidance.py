@@ -1,0 +1,271 @@
+"""Benchmarks of XRDGuidedDiffusion against the paper's tables (xrd-guided-diffusion.md).
+
+Usage (each writes benchmarks/results/xrd_<experiment>.json and .md)::
+
+    python benchmarks/xrd_guidance.py table1 [--n-train 2000 --epochs 60 --n-samples 100]
+    python benchmarks/xrd_guidance.py table2
+    python benchmarks/xrd_guidance.py d1
+    python benchmarks/xrd_guidance.py csp --dataset perov_5     # needs CRYSTALFIT_DATA
+    python benchmarks/xrd_guidance.py speed
+
+All runs: CPU, torch.set_num_threads(--threads), float32, fixed seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crystalfit import XRDGuidedDiffusion
+from crystalfit.datasets import (
+    load_dataset,
+    make_cu3au,
+    make_cu3au_supercells,
+    make_perovskite,
+    make_perovskite_arrangements,
+)
+from crystalfit.metrics import match_rate
+from crystalfit.xrd import single_crystal_intensities
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return dict(
+        platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+        cpu_count=os.cpu_count(), threads=torch.get_num_threads(), loadavg=list(os.getloadavg()),
+        cuda=torch.cuda.is_available(),
+    )
+
+
+def write(name: str, payload: dict, table_md: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), machine=machine(),
+                   date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    (RESULTS / f"xrd_{name}.json").write_text(json.dumps(payload, indent=2))
+    md = [f"# XRDGuidedDiffusion: {name}", "", f"Command: `python benchmarks/{payload['command']}`", "",
+          f"Machine: {payload['machine']['platform']}, {payload['machine']['cpu_count']} CPUs, "
+          f"torch {payload['machine']['torch']} with {payload['machine']['threads']} thread(s), "
+          f"load average at the end {payload['machine']['loadavg'][0]:.2f}. Date: {payload['date']}.", "",
+          table_md, ""]
+    if "settings" in payload:
+        md += ["Settings: `" + json.dumps(payload["settings"]) + "`", ""]
+    if "seconds" in payload:
+        md += ["Wall time (s): `" + json.dumps({k: round(v, 4) for k, v in payload["seconds"].items()}) + "`", ""]
+    (RESULTS / f"xrd_{name}.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
+    kw = dict(max_epochs=args.epochs, n_steps=args.steps, random_state=args.seed, batch_size=args.batch_size,
+              verbose=args.verbose)
+    kw.update(params)
+    model = XRDGuidedDiffusion(**kw)
+    t0 = time.perf_counter()
+    model.fit(train)
+    return model, time.perf_counter() - t0
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+# --------------------------------------------------------------------- table 1
+def table1(args) -> None:
+    names = ["crystal-1", "crystal-2"]
+    train = make_perovskite_arrangements(names, args.n_train, random_state=args.seed)
+    model, t_fit = fit_model(train, args, score_ratio=args.score_ratio)
+    tol = dict(stol=0.05, angle_tol=10, ltol=0.3)
+    targets = {n: make_perovskite(n) for n in names}
+    n = args.n_samples
+    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 1)
+    t_ung = model.last_sample_stats_["seconds_per_structure"]
+    res = {"guided": {}, "unguided": {}}
+    t_g = []
+    for k, name in enumerate(names):
+        I = single_crystal_intensities(targets[name])
+        guided = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=args.seed + 2 + k)
+        t_g.append(model.last_sample_stats_["seconds_per_structure"])
+        res["guided"][name] = float(match_rate(guided, [targets[name]] * n, **tol))
+        res["unguided"][name] = float(match_rate(unguided, [targets[name]] * n, **tol))
+    paper = {"guided": {"crystal-1": 0.956, "crystal-2": 0.955}, "unguided": {"crystal-1": 0.157, "crystal-2": 0.075}}
+    md = ["| target | unguided (ours) | guided (ours) | DiffCSP (paper) | Ours (paper) |", "|---|---|---|---|---|"]
+    for name in names:
+        md.append(f"| {name} | {pct(res['unguided'][name])} | {pct(res['guided'][name])} | "
+                  f"{pct(paper['unguided'][name])} | {pct(paper['guided'][name])} |")
+    md.append("")
+    md.append(f"Match: StructureMatcher stol=0.05, angle_tol=10, ltol=0.3; {n} samples per cell; "
+              f"score ratio 1:{args.score_ratio}; train {len(train)} noisy structures (paper 10,000), "
+              f"{args.epochs} epochs (paper 40,000).")
+    write("table1", dict(results=res, paper=paper, settings=dict(vars(args), n_train_total=len(train)),
+                         seconds=dict(fit=t_fit, per_structure_unguided=t_ung, per_structure_guided=float(np.mean(t_g)))),
+          "\n".join(md))
+
+
+# --------------------------------------------------------------------- table 2
+def table2(args) -> None:
+    train = make_perovskite_arrangements(["crystal-1", "crystal-3"], args.n_train, random_state=args.seed)
+    model, t_fit = fit_model(train, args, score_ratio=args.score_ratio)
+    n = args.n_samples
+    # noisy variants of Crystal-2, one set of intensities per sample (paper: 10,000 variants)
+    variants = make_perovskite_arrangements("crystal-2", n, random_state=args.seed + 10)
+    I = np.stack([single_crystal_intensities(v) for v in variants])
+    guided = model.sample(["CoN2OTl"] * n, n_samples=1, intensities=I, random_state=args.seed + 3)
+    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 4)
+    target = make_perovskite("crystal-2")
+    res = {"guided": {}, "unguided": {}}
+    for stol in (0.05, 0.1, 0.5):
+        res["guided"][str(stol)] = float(match_rate(guided, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
+        res["unguided"][str(stol)] = float(match_rate(unguided, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
+    paper = {"unguided": {"0.05": 0.0, "0.1": 0.0, "0.5": 0.0803}, "guided": {"0.05": 0.0, "0.1": 0.0062, "0.5": 0.9621}}
+    md = ["| stol | unguided (ours) | guided (ours) | DiffCSP (paper) | Ours (paper) |", "|---|---|---|---|---|"]
+    for stol in ("0.05", "0.1", "0.5"):
+        md.append(f"| {stol} | {pct(res['unguided'][stol])} | {pct(res['guided'][stol])} | "
+                  f"{pct(paper['unguided'][stol])} | {pct(paper['guided'][stol])} |")
+    md.append("")
+    md.append(f"Train on Crystal-1 + Crystal-3 ({len(train)} noisy structures), target: Crystal-2 (unseen), "
+              f"intensities of {n} noisy Crystal-2 variants; score ratio 1:{args.score_ratio}.")
+    write("table2", dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
+
+
+# ------------------------------------------------------------------- table D1
+def table_d1(args) -> None:
+    train = make_cu3au_supercells(args.n_train, random_state=args.seed)
+    model, t_fit = fit_model(train, args, learn_lattice=False)
+    n = args.n_samples
+    # targets: the superlattice placements, cycled
+    from crystalfit.datasets import cu3au_placements
+
+    supers = [p for p in cu3au_placements() if p["superlattice"]]
+    targets = [make_cu3au(supers[i % len(supers)]["placement"]) for i in range(n)]
+    I = np.stack([single_crystal_intensities(t) for t in targets])
+    L = targets[0].cell[:]
+    res = {}
+    unguided = model.sample("Cu6Au2", n_samples=n, lattice=L, random_state=args.seed + 1)
+    res["unguided"] = float(match_rate(unguided, targets, stol=0.05, angle_tol=10, ltol=0.3))
+    for r in (3, 5, 7):
+        model.set_params(score_ratio=float(r))
+        guided = model.sample(["Cu6Au2"] * n, n_samples=1, intensities=I, lattice=L, random_state=args.seed + 2)
+        res[f"1:{r}"] = float(match_rate(guided, targets, stol=0.05, angle_tol=10, ltol=0.3))
+    paper = {"unguided": 0.1164, "1:3": 0.3152, "1:5": 0.1447, "1:7": 0.1421}
+    md = ["| | DiffCSP | 1:3 | 1:5 | 1:7 |", "|---|---|---|---|---|",
+          "| ours | " + " | ".join(pct(res[k]) for k in ("unguided", "1:3", "1:5", "1:7")) + " |",
+          "| paper | " + " | ".join(pct(paper[k]) for k in ("unguided", "1:3", "1:5", "1:7")) + " |", "",
+          f"Cu3Au 2x FCC supercell (6 Cu + 2 Au), lattice fixed (learn_lattice=False), {len(train)} noisy training "
+          f"structures over all 28 placements; each sample conditioned on one superlattice placement's intensities and "
+          f"matched against it (stol 0.05)."]
+    write("tableD1", dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
+
+
+# ------------------------------------------------------------------------ CSP
+def csp(args) -> None:
+    name = args.dataset
+    if name == "perov_5":
+        dev = load_dataset("perov_5_dev", "train").structures
+        val = load_dataset("perov_5", "val").structures
+    else:
+        dev = []
+        val = load_dataset(name, "val").structures
+    rng = np.random.default_rng(args.seed)
+    perm = rng.permutation(len(val))
+    n_test = args.n_test
+    test = [val[i] for i in perm[:n_test]]
+    train = dev + [val[i] for i in perm[n_test:]]
+    if args.n_train and args.n_train < len(train):
+        train = train[: args.n_train]
+    model, t_fit = fit_model(train, args, score_ratio=args.score_ratio, step_lr=args.step_lr)
+    comps = [t.get_chemical_formula(mode="all", empirical=False) for t in test]
+    comps = ["".join(t.get_chemical_symbols()) for t in test]
+    I = np.stack([single_crystal_intensities(t) for t in test])
+    unguided = model.sample(comps, n_samples=1, random_state=args.seed + 1)
+    t_ung = model.last_sample_stats_["seconds_per_structure"]
+    guided = model.sample(comps, n_samples=1, intensities=I, random_state=args.seed + 1)
+    t_g = model.last_sample_stats_["seconds_per_structure"]
+    res = {"unguided": float(match_rate(unguided, test)), "guided": float(match_rate(guided, test))}
+    paper = {"perov_5": {"unguided": 0.4824, "guided": 0.6156}, "carbon_24": {"unguided": 0.0847, "guided": 0.5005}}[name]
+    md = ["| | unguided (DiffCSP) | guided | ", "|---|---|---|",
+          f"| ours | {pct(res['unguided'])} | {pct(res['guided'])} |",
+          f"| paper Table 3 | {pct(paper['unguided'])} | {pct(paper['guided'])} |", "",
+          f"{name}: train {len(train)} structures, test {n_test} held out (seeded split of val{' + perov_5_dev train' if dev else ''}); "
+          "1-sample CSP match rate, StructureMatcher stol 0.5, angle_tol 10, ltol 0.3, no validity gating; "
+          f"intensities computed from the held-out structures; score ratio 1:{args.score_ratio}."]
+    write(f"csp_{name}", dict(results=res, paper=paper, settings=vars(args),
+                             seconds=dict(fit=t_fit, per_structure_unguided=t_ung, per_structure_guided=t_g)),
+          "\n".join(md))
+
+
+# ---------------------------------------------------------------------- speed
+def speed(args) -> None:
+    from crystalfit.estimators.xrd_diffusion import CSPDenoiser
+    from crystalfit.io import structures_to_batch
+
+    rows = []
+    for n_atoms, cells in ((5, make_perovskite_arrangements("crystal-1", 100, random_state=0)),
+                           (20, None)):
+        if cells is None:
+            from ase.build import bulk
+
+            base = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((1, 1, 2))[:20]
+            base = base if len(base) == 20 else base
+            cells = [base.copy() for _ in range(100)]
+            for c in cells:
+                c.rattle(0.05, seed=1)
+        b = structures_to_batch(cells).to(dtype=torch.float32)
+        net = CSPDenoiser(**XRDGuidedDiffusion._network_defaults).eval()
+        t = torch.randint(1, 1000, (b.num_crystals,))
+        with torch.no_grad():
+            for _ in range(2):
+                net(b.lattice, b.frac, b.numbers, b.num_atoms, b.batch, t)
+            reps = 10 if n_atoms == 5 else 3
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                net(b.lattice, b.frac, b.numbers, b.num_atoms, b.batch, t)
+            per_call = (time.perf_counter() - t0) / reps
+        rows.append(dict(atoms_per_cell=int(b.num_atoms[0]), batch=b.num_crystals, ms_per_call=1e3 * per_call,
+                         n_parameters=sum(p.numel() for p in net.parameters())))
+    paper = {5: 307.0, 20: 6900.0}
+    steps = XRDGuidedDiffusion().n_steps
+    md = ["| atoms/cell | batch | ours ms/call | DiffCSP 512x6 ms/call (this machine) | ratio | "
+          f"ours s/structure ({steps} steps, 2 calls/step) | paper settings s/structure (2,000 calls) | ratio |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = paper[r["atoms_per_cell"]]
+        ours_s = r["ms_per_call"] / 1e3 * 2 * steps / r["batch"]
+        paper_s = p / 1e3 * 2000 / 100
+        r.update(paper_ms_per_call=p, seconds_per_structure=ours_s, paper_seconds_per_structure=paper_s)
+        md.append(f"| {r['atoms_per_cell']} | {r['batch']} | {r['ms_per_call']:.1f} | {p:.0f} | {p / r['ms_per_call']:.1f}x | "
+                  f"{ours_s:.4f} | {paper_s:.1f} | {paper_s / ours_s:.0f}x |")
+    md.append("")
+    md.append("Network-only cost (no guidance); DiffCSP figures are the issue's measurements on this machine.")
+    write("speed", dict(results=rows, settings=vars(args)), "\n".join(md))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("experiment", choices=["table1", "table2", "d1", "csp", "speed"])
+    p.add_argument("--dataset", default="perov_5")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-samples", type=int, default=100)
+    p.add_argument("--score-ratio", type=float, default=4.0)
+    p.add_argument("--step-lr", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    {"table1": table1, "table2": table2, "d1": table_d1, "csp": csp, "speed": speed}[args.experiment](args)
+
+
+if __name__ == "__main__":
+    main()
