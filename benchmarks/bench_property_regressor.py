@@ -21,7 +21,7 @@ Writes ``benchmarks/results/property_regressor.json`` and ``.md``.
 Usage::
 
     CRYSTALFIT_DATA=../shared/data python benchmarks/bench_property_regressor.py \
-        [--perov-epochs 45] [--carbon-epochs 70] [--threads 1] [--seed 0]
+        [--perov-epochs 100] [--carbon-epochs 180] [--threads 1] [--seed 0]
     # smoke test (a few rows, 1 epoch, writes elsewhere):
     python benchmarks/bench_property_regressor.py --max-rows 64 --perov-epochs 1 --carbon-epochs 1 --out /tmp/x
 """
@@ -131,8 +131,8 @@ def write_markdown(path: Path, out: dict) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--perov-epochs", type=int, default=45)
-    ap.add_argument("--carbon-epochs", type=int, default=70)
+    ap.add_argument("--perov-epochs", type=int, default=100)
+    ap.add_argument("--carbon-epochs", type=int, default=180)
     ap.add_argument("--seed", type=int, default=0, help="split seed and random_state")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-rows", type=int, default=None, help="read only the first rows of each file (smoke test)")

@@ -193,6 +193,29 @@ class LatticeDDPM(nn.Module):
         x0 = x0 * torch.clamp(max_norm / norm.clamp_min(1e-30), max=1.0)
         return (x_t - torch.sqrt(abar) * x0) / torch.sqrt(1.0 - abar)
 
+    def ddim_step(self, x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor) -> Tensor:
+        r"""Deterministic DDIM step (eta = 0): :math:`L_{t'} = \sqrt{\bar\alpha_{t'}}\hat L_0 + \sqrt{1-\bar\alpha_{t'}}\hat\varepsilon`.
+
+        The zero-variance sampler uses this for the lattice instead of the DDPM mean
+        with ``z = 0``: the DDPM mean shrinks the noise component at every step, and
+        for an O(3)-equivariant denoiser (whose ``\hat L_0`` is ~0 while the
+        orientation is still undetermined) that collapses lattices to zero.  DDIM keeps
+        the marginals of the forward process.
+
+        Parameters
+        ----------
+        x_t, eps_hat : Tensor, shape (B, 3, 3)
+        t, t_prev : Tensor, shape (B,), long, ``0 <= t_prev < t``
+
+        Returns
+        -------
+        Tensor, shape (B, 3, 3)
+        """
+        abar_t = _per_sample(self.schedule.alphas_cumprod, t, x_t)
+        abar_p = _per_sample(self.schedule.alphas_cumprod, t_prev, x_t)
+        x0 = (x_t - torch.sqrt(1.0 - abar_t) * eps_hat) / torch.sqrt(abar_t)
+        return torch.sqrt(abar_p) * x0 + torch.sqrt((1.0 - abar_p).clamp_min(0.0)) * eps_hat
+
     def _reverse_step(self, x_t: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor,
                       noise: Tensor | None) -> Tensor:
         """Unchecked :meth:`reverse_step` (no host synchronisation; used by samplers)."""

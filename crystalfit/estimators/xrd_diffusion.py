@@ -137,7 +137,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         score_ratio: float = 4.0,
         hkl_range: int = 2,
         step_lr: float = 1e-5,
-        zero_variance: bool = True,
+        zero_variance: bool = False,
         learn_lattice: bool = True,
         timesteps: int = 1000,
         sigma_begin: float = 0.005,

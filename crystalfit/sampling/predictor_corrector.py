@@ -162,7 +162,8 @@ def predictor_corrector_sample(
 
     The score is ``s = -pred_x * sqrt(sigma_norm_t)``.  No noise is added in the last
     step (``t' = 0``); ``zero_variance=True`` drops every ``z`` (the paper's reproducible
-    mode).  Model calls: 2 per step, i.e. ``2 T`` (2000) for the full grid and
+    mode) and takes deterministic DDIM steps for the lattice (:meth:`LatticeDDPM.ddim_step`;
+    the DDPM mean with ``z = 0`` collapses lattices of an equivariant model to zero).  Model calls: 2 per step, i.e. ``2 T`` (2000) for the full grid and
     ``2 n_steps`` for a strided grid (``n_steps`` when ``step_lr == 0``).
 
     Parameters
@@ -311,8 +312,11 @@ def predictor_corrector_sample(
             z = _randn_like(frac, generator) if noisy else None
             frac = torus_process.reverse_step(frac, score, t_a, tp_a, z).detach()
             if fixed_lattice is None:
-                zl = _randn_like(lattice, generator) if noisy else None
-                lattice = lattice_process._reverse_step(lattice, eps_l, t_b, tp_b, zl).detach()
+                if zero_variance:
+                    lattice = lattice_process.ddim_step(lattice, eps_l, t_b, tp_b).detach()
+                else:
+                    zl = _randn_like(lattice, generator) if noisy else None
+                    lattice = lattice_process._reverse_step(lattice, eps_l, t_b, tp_b, zl).detach()
 
     if fixed_lattice is not None:
         lattice = fixed_lattice
