@@ -107,3 +107,20 @@ def test_predict_score_shape(fitted, data):
 def test_unknown_network_setting():
     with pytest.raises(CrystalfitError, match="unknown network setting"):
         _model(network=dict(bogus=1)).fit(make_perovskite_arrangements(["crystal-1"], 8, random_state=0))
+
+
+def test_denoiser_calculator_with_fitted_model(fitted, data):
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    from crystalfit.calculators import DenoiserCalculator
+
+    atoms = data[0].copy()
+    atoms.calc = DenoiserCalculator(fitted, noise_level=0.01)
+    f = atoms.get_forces()
+    assert f.shape == (5, 3) and np.all(np.isfinite(f))
+    # forces are the model's Tweedie displacement: check against predict_score directly
+    score = fitted.predict_score([data[0]], noise_level=0.01)[0]
+    # DenoiserCalculator: forces = stiffness * (noise_level^2 * score_frac) @ L, stiffness 1 eV/A^2
+    assert np.allclose(f, (0.01 ** 2 * score) @ atoms.cell[:], rtol=1e-4, atol=1e-6)
+    with pytest.raises(PropertyNotImplementedError):
+        atoms.get_potential_energy()

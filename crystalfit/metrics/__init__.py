@@ -20,6 +20,7 @@ distribution distances          :func:`wasserstein_density`,
                                 :func:`frechet_distance` (FAD)
 generation table                :func:`evaluate_generation`
 property optimisation           :func:`success_rate`, :func:`hit_ratio`
+ground state                    :func:`ground_state_metrics` (DP-CDVAE Table III)
 diffraction agreement           :func:`r_factor`, :func:`powder_similarity`
 model selection                 :func:`get_scorer`
 ==============================  ===============================================
@@ -49,6 +50,7 @@ from .distribution import (
     wasserstein_property,
 )
 from .evaluate import evaluate_csp, evaluate_generation
+from .ground_state import ground_state_metrics
 from .optimization import SR_THRESHOLDS, hit_ratio, optimization_success_rate, success_rate, success_thresholds
 from .scorers import CrystalScorer, get_scorer, get_scorer_names
 from .validity import composition_validity, smact_validity, structure_validity, validity
@@ -74,6 +76,7 @@ __all__ = [
     "frechet_distance_gaussian",
     "frechet_model_distance",
     "get_scorer",
+    "ground_state_metrics",
     "get_scorer_names",
     "hit_ratio",
     "match_rate",
