@@ -209,14 +209,10 @@ def speed(args) -> None:
     rows = []
     for n_atoms, cells in ((5, make_perovskite_arrangements("crystal-1", 100, random_state=0)),
                            (20, None)):
-        if cells is None:
-            from ase.build import bulk
-
-            base = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((1, 1, 2))[:20]
-            base = base if len(base) == 20 else base
-            cells = [base.copy() for _ in range(100)]
-            for c in cells:
-                c.rattle(0.05, seed=1)
+        if cells is None:  # 20-atom cells: Crystal-1 repeated 4x along c, rattled
+            cells = [make_perovskite("crystal-1").repeat((1, 1, 4)) for _ in range(100)]
+            for i, c in enumerate(cells):
+                c.rattle(0.05, seed=i)
         b = structures_to_batch(cells).to(dtype=torch.float32)
         net = CSPDenoiser(**XRDGuidedDiffusion._network_defaults).eval()
         t = torch.randint(1, 1000, (b.num_crystals,))
