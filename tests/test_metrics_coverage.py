@@ -1,7 +1,5 @@
 """Coverage COV-R / COV-P with CrystalNN / Magpie fingerprints (SPEC 2.3)."""
 import importlib
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,23 +15,12 @@ from crystalfit.metrics import (
     structure_hash,
 )
 from crystalfit.io import to_structure
+from _data import perov_rows
 
 # the package attribute `coverage` is the function; fetch the module itself
 cov_mod = importlib.import_module("crystalfit.metrics.coverage")
-DATA = Path(os.environ.get("CRYSTALFIT_DATA", "/work/shared/data"))
 
 
-def perov_rows(n):
-    if not (DATA / "perov_5" / "val.csv").is_file():
-        pytest.skip("Perov-5 val.csv not available (set CRYSTALFIT_DATA)")
-    try:
-        from crystalfit.datasets import load_dataset
-    except ImportError:
-        import pandas as pd
-
-        df = pd.read_csv(DATA / "perov_5" / "val.csv", nrows=n)
-        return [Structure.from_str(c, fmt="cif") for c in df.cif]
-    return load_dataset("perov_5", "val", data_home=DATA, max_rows=n, download=False).structures
 
 
 def naive_coverage(gs, gc, rs, rc, ds, dc, n_gen, means, stds):

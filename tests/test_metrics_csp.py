@@ -1,6 +1,4 @@
 """CSP metrics: StructureMatcher match rate and RMS distance."""
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,23 +8,10 @@ from pymatgen.core import Lattice, Structure
 
 from crystalfit.exceptions import CrystalfitError
 from crystalfit.metrics import evaluate_csp, match_rate, match_rms, rms_distance
+from _data import perov_rows
 
-DATA = Path(os.environ.get("CRYSTALFIT_DATA", "/work/shared/data"))
 
 
-def perov_rows(n):
-    """First n rows of Perov-5 val as ase.Atoms (project loader, else the csv)."""
-    if not (DATA / "perov_5" / "val.csv").is_file():
-        pytest.skip("Perov-5 val.csv not available (set CRYSTALFIT_DATA)")
-    try:
-        from crystalfit.datasets import load_dataset
-    except ImportError:
-        import pandas as pd
-        from pymatgen.io.ase import AseAtomsAdaptor
-
-        df = pd.read_csv(DATA / "perov_5" / "val.csv", nrows=n)
-        return [AseAtomsAdaptor.get_atoms(Structure.from_str(c, fmt="cif")) for c in df.cif]
-    return load_dataset("perov_5", "val", data_home=DATA, max_rows=n, download=False).structures
 
 
 def perovskite(a=3.9):

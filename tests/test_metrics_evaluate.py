@@ -1,12 +1,9 @@
 """evaluate_csp / evaluate_generation and the GridSearchCV scorers."""
-import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 from ase.build import bulk
-from pymatgen.core import Structure
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import GridSearchCV
 
@@ -19,22 +16,10 @@ from crystalfit.metrics import (
     match_rate,
     validity,
 )
+from _data import perov_rows
 
-DATA = Path(os.environ.get("CRYSTALFIT_DATA", "/work/shared/data"))
 
 
-def perov_rows(n):
-    if not (DATA / "perov_5" / "val.csv").is_file():
-        pytest.skip("Perov-5 val.csv not available (set CRYSTALFIT_DATA)")
-    try:
-        from crystalfit.datasets import load_dataset
-    except ImportError:
-        import pandas as pd
-        from pymatgen.io.ase import AseAtomsAdaptor
-
-        df = pd.read_csv(DATA / "perov_5" / "val.csv", nrows=n)
-        return [AseAtomsAdaptor.get_atoms(Structure.from_str(c, fmt="cif")) for c in df.cif]
-    return load_dataset("perov_5", "val", data_home=DATA, max_rows=n, download=False).structures
 
 
 def unique_formula_rows(n):

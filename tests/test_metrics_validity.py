@@ -1,7 +1,5 @@
 """Structural and SMACT compositional validity (SPEC 2.2)."""
 import itertools
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,21 +10,10 @@ from pymatgen.core import Lattice, Structure
 from crystalfit.exceptions import CrystalfitError
 from crystalfit.metrics import composition_validity, smact_validity, structure_validity, validity
 from crystalfit.metrics.validity import reduced_composition
+from _data import perov_rows
 
-DATA = Path(os.environ.get("CRYSTALFIT_DATA", "/work/shared/data"))
 
 
-def perov_rows(n):
-    if not (DATA / "perov_5" / "val.csv").is_file():
-        pytest.skip("Perov-5 val.csv not available (set CRYSTALFIT_DATA)")
-    try:
-        from crystalfit.datasets import load_dataset
-    except ImportError:
-        import pandas as pd
-
-        df = pd.read_csv(DATA / "perov_5" / "val.csv", nrows=n)
-        return [Structure.from_str(c, fmt="cif") for c in df.cif]
-    return load_dataset("perov_5", "val", data_home=DATA, max_rows=n, download=False).structures
 
 
 def brute_force_min_distance(cell, frac):

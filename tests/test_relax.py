@@ -1,10 +1,7 @@
 """Tests of crystalfit.calculators.relax and crystalfit.metrics.ground_state."""
 from __future__ import annotations
 
-import csv
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from crystalfit.calculators import emt_supported_elements, relax
 from crystalfit.exceptions import CrystalfitError, UnknownElementError
 from crystalfit.io import to_atoms
 from crystalfit.metrics.ground_state import ground_state_metrics
+from _data import perov_rows
 
 
 def _rattled_cu(n=3, amp=0.05):
@@ -123,25 +121,11 @@ def test_chgnet_missing_gives_install_hint(monkeypatch):
         relax([bulk("Cu")], calculator="chgnet")
 
 
-def _perov5(n):
-    """First n Perov-5 validation structures (datasets loader if present, else the csv)."""
-    root = Path(os.environ.get("CRYSTALFIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    path = root / "perov_5" / "val.csv"
-    if not path.exists():
-        pytest.skip(f"Perov-5 data not found at {path}; set CRYSTALFIT_DATA to the folder holding perov_5/val.csv")
-    try:
-        from crystalfit.datasets import load_dataset
-    except ImportError:  # datasets layer missing: read the csv directly
-        from pymatgen.core import Structure
-
-        with open(path, newline="") as fh:
-            return [Structure.from_str(row["cif"], fmt="cif") for _, row in zip(range(n), csv.DictReader(fh))]
-    return load_dataset("perov_5", "val", data_home=root, max_rows=n, download=False).structures
 
 
 def test_chgnet_relaxes_perov5_structures():
     pytest.importorskip("chgnet")
-    structs = _perov5(3)
+    structs = perov_rows(3)
     res = relax(structs, calculator="chgnet", steps=20, fmax=0.05)
     assert len(res.atoms) == 3
     assert (res.n_steps <= 20).all() and (res.n_steps > 0).all()
