@@ -181,7 +181,6 @@ def csp(args) -> None:
     if args.n_train and args.n_train < len(train):
         train = train[: args.n_train]
     model, t_fit = fit_model(train, args, score_ratio=args.score_ratio, step_lr=args.step_lr)
-    comps = [t.get_chemical_formula(mode="all", empirical=False) for t in test]
     comps = ["".join(t.get_chemical_symbols()) for t in test]
     I = np.stack([single_crystal_intensities(t) for t in test])
     unguided = model.sample(comps, n_samples=1, random_state=args.seed + 1)

@@ -20,12 +20,11 @@ JSON-able fitted attributes listed in ``_fitted_json_attrs``) and their own
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -327,6 +326,3 @@ class CrystalEstimator(BaseEstimator):
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "module_")
-
-    def _copy_params(self) -> dict:
-        return copy.deepcopy(self.get_params(deep=False))

@@ -20,7 +20,7 @@ Differences from the paper, all documented in docs/xrd_guided_diffusion.md:
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -358,9 +358,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         return arr
 
     def _check_lattice(self, lattice, n_entries: int) -> np.ndarray:
-        arr = np.asarray(getattr(lattice, "cell", lattice), dtype=float)
-        if hasattr(lattice, "cell"):
-            arr = np.asarray(lattice.cell[:], dtype=float)
+        arr = np.asarray(lattice.cell[:] if hasattr(lattice, "cell") else lattice, dtype=float)
         if arr.shape == (3, 3):
             arr = np.repeat(arr[None], n_entries, axis=0)
         if arr.shape != (n_entries, 3, 3):
