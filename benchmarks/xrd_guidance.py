@@ -69,11 +69,13 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
     The fit time reported for a loaded model is the one stored when it was fitted.
     """
     kw = dict(max_epochs=args.epochs, n_steps=args.steps, random_state=args.seed, batch_size=args.batch_size,
-              verbose=args.verbose, zero_variance=args.zero_variance, learning_rate=args.lr)
+              verbose=args.verbose, zero_variance=args.zero_variance, learning_rate=args.lr,
+              expected_intensity=not args.paper_intensity)
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
-        sampling = {k: kw[k] for k in ("n_steps", "zero_variance", "score_ratio", "step_lr", "verbose") if k in kw}
+        sampling = {k: kw[k] for k in ("n_steps", "zero_variance", "score_ratio", "step_lr", "verbose",
+                                       "expected_intensity") if k in kw}
         model.set_params(**sampling)
         fit_file = Path(args.model) / "fit_seconds.txt"
         t_fit = float(fit_file.read_text()) if fit_file.exists() else float("nan")
@@ -95,67 +97,89 @@ def pct(x: float) -> str:
 
 
 # --------------------------------------------------------------------- table 1
+def _suffix(args) -> str:
+    return "_fixed_lattice" if args.fixed_lattice else ""
+
+
 def table1(args) -> None:
     names = ["crystal-1", "crystal-2"]
     train = make_perovskite_arrangements(names, args.n_train, random_state=args.seed)
-    model, t_fit = fit_model(train, args, score_ratio=args.score_ratio)
+    model, t_fit = fit_model(train, args, learn_lattice=not args.fixed_lattice)
     tol = dict(stol=0.05, angle_tol=10, ltol=0.3)
     targets = {n: make_perovskite(n) for n in names}
+    lat = dict(lattice=targets["crystal-1"].cell[:]) if args.fixed_lattice else {}
     n = args.n_samples
-    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 1)
+    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 1, **lat)
     t_ung = model.last_sample_stats_["seconds_per_structure"]
-    res = {"guided": {}, "unguided": {}}
+    res = {"unguided": {name: float(match_rate(unguided, [targets[name]] * n, **tol)) for name in names}}
     t_g = []
-    for k, name in enumerate(names):
-        I = single_crystal_intensities(targets[name])
-        guided = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=args.seed + 2 + k)
-        t_g.append(model.last_sample_stats_["seconds_per_structure"])
-        res["guided"][name] = float(match_rate(guided, [targets[name]] * n, **tol))
-        res["unguided"][name] = float(match_rate(unguided, [targets[name]] * n, **tol))
-    paper = {"guided": {"crystal-1": 0.956, "crystal-2": 0.955}, "unguided": {"crystal-1": 0.157, "crystal-2": 0.075}}
-    md = ["| target | unguided (ours) | guided (ours) | DiffCSP (paper) | Ours (paper) |", "|---|---|---|---|---|"]
+    for r in args.score_ratio:
+        model.set_params(score_ratio=r)
+        res[f"guided 1:{r:g}"] = {}
+        for k, name in enumerate(names):
+            I = single_crystal_intensities(targets[name])
+            guided = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=args.seed + 2 + k, **lat)
+            t_g.append(model.last_sample_stats_["seconds_per_structure"])
+            res[f"guided 1:{r:g}"][name] = float(match_rate(guided, [targets[name]] * n, **tol))
+    paper = {"guided 1:4": {"crystal-1": 0.956, "crystal-2": 0.955}, "unguided": {"crystal-1": 0.157, "crystal-2": 0.075}}
+    cols = list(res)
+    md = ["| target | " + " | ".join(f"{c} (ours)" for c in cols) + " | DiffCSP (paper) | Ours 1:4 (paper) |",
+          "|---|" + "---|" * (len(cols) + 2)]
     for name in names:
-        md.append(f"| {name} | {pct(res['unguided'][name])} | {pct(res['guided'][name])} | "
-                  f"{pct(paper['unguided'][name])} | {pct(paper['guided'][name])} |")
+        md.append(f"| {name} | " + " | ".join(pct(res[c][name]) for c in cols) + f" | "
+                  f"{pct(paper['unguided'][name])} | {pct(paper['guided 1:4'][name])} |")
     md.append("")
-    md.append(f"Match: StructureMatcher stol=0.05, angle_tol=10, ltol=0.3; {n} samples per cell; "
-              f"score ratio 1:{args.score_ratio}; train {len(train)} noisy structures (paper 10,000), "
-              f"{args.epochs} epochs (paper 40,000).")
-    write("table1", dict(results=res, paper=paper, settings=dict(vars(args), n_train_total=len(train)),
-                         seconds=dict(fit=t_fit, per_structure_unguided=t_ung, per_structure_guided=float(np.mean(t_g)))),
+    mode = ("lattice fixed to the cubic 4.24596 A cell in training (learn_lattice=False) and sampling"
+            if args.fixed_lattice else "lattice and coordinates generated jointly (as the paper)")
+    md.append(f"Match: StructureMatcher stol=0.05, angle_tol=10, ltol=0.3; {n} samples per cell; {mode}; "
+              f"train {len(train)} noisy structures (paper 10,000), {args.epochs} epochs (paper 40,000), "
+              f"batch {args.batch_size}; {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
+              f"{args.steps} steps; guidance intensity {'Eq. 40 |E F|^2' if args.paper_intensity else 'E|F|^2'}.")
+    write("table1" + _suffix(args), dict(results=res, paper=paper, settings=dict(vars(args), n_train_total=len(train)),
+                                         seconds=dict(fit=t_fit, per_structure_unguided=t_ung,
+                                                      per_structure_guided=float(np.mean(t_g)))),
           "\n".join(md))
 
 
 # --------------------------------------------------------------------- table 2
 def table2(args) -> None:
     train = make_perovskite_arrangements(["crystal-1", "crystal-3"], args.n_train, random_state=args.seed)
-    model, t_fit = fit_model(train, args, score_ratio=args.score_ratio)
+    model, t_fit = fit_model(train, args, learn_lattice=not args.fixed_lattice)
     n = args.n_samples
+    target = make_perovskite("crystal-2")
+    lat = dict(lattice=target.cell[:]) if args.fixed_lattice else {}
     # noisy variants of Crystal-2, one set of intensities per sample (paper: 10,000 variants)
     variants = make_perovskite_arrangements("crystal-2", n, random_state=args.seed + 10)
     I = np.stack([single_crystal_intensities(v) for v in variants])
-    guided = model.sample(["CoN2OTl"] * n, n_samples=1, intensities=I, random_state=args.seed + 3)
-    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 4)
-    target = make_perovskite("crystal-2")
-    res = {"guided": {}, "unguided": {}}
+    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 4, **lat)
+    res = {"unguided": {}}
     for stol in (0.05, 0.1, 0.5):
-        res["guided"][str(stol)] = float(match_rate(guided, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
         res["unguided"][str(stol)] = float(match_rate(unguided, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
-    paper = {"unguided": {"0.05": 0.0, "0.1": 0.0, "0.5": 0.0803}, "guided": {"0.05": 0.0, "0.1": 0.0062, "0.5": 0.9621}}
-    md = ["| stol | unguided (ours) | guided (ours) | DiffCSP (paper) | Ours (paper) |", "|---|---|---|---|---|"]
+    for r in args.score_ratio:
+        model.set_params(score_ratio=r)
+        guided = model.sample(["CoN2OTl"] * n, n_samples=1, intensities=I, random_state=args.seed + 3, **lat)
+        res[f"guided 1:{r:g}"] = {str(stol): float(match_rate(guided, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
+                                  for stol in (0.05, 0.1, 0.5)}
+    paper = {"unguided": {"0.05": 0.0, "0.1": 0.0, "0.5": 0.0803}, "guided 1:4": {"0.05": 0.0, "0.1": 0.0062, "0.5": 0.9621}}
+    cols = list(res)
+    md = ["| stol | " + " | ".join(f"{c} (ours)" for c in cols) + " | DiffCSP (paper) | Ours 1:4 (paper) |",
+          "|---|" + "---|" * (len(cols) + 2)]
     for stol in ("0.05", "0.1", "0.5"):
-        md.append(f"| {stol} | {pct(res['unguided'][stol])} | {pct(res['guided'][stol])} | "
-                  f"{pct(paper['unguided'][stol])} | {pct(paper['guided'][stol])} |")
+        md.append(f"| {stol} | " + " | ".join(pct(res[c][stol]) for c in cols) + f" | "
+                  f"{pct(paper['unguided'][stol])} | {pct(paper['guided 1:4'][stol])} |")
     md.append("")
-    md.append(f"Train on Crystal-1 + Crystal-3 ({len(train)} noisy structures), target: Crystal-2 (unseen), "
-              f"intensities of {n} noisy Crystal-2 variants; score ratio 1:{args.score_ratio}.")
-    write("table2", dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
+    mode = "lattice fixed (learn_lattice=False)" if args.fixed_lattice else "lattice generated jointly (as the paper)"
+    md.append(f"Train on Crystal-1 + Crystal-3 ({len(train)} noisy structures, {args.epochs} epochs, batch "
+              f"{args.batch_size}), target: Crystal-2 (unseen), intensities of {n} noisy Crystal-2 variants; {mode}; "
+              f"{'zero-variance' if args.zero_variance else 'stochastic'} sampling, {args.steps} steps.")
+    write("table2" + _suffix(args), dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)),
+          "\n".join(md))
 
 
 # ------------------------------------------------------------------- table D1
 def table_d1(args) -> None:
     train = make_cu3au_supercells(args.n_train, random_state=args.seed)
-    model, t_fit = fit_model(train, args, learn_lattice=False)
+    model, t_fit = fit_model(train, args, learn_lattice=False, score_ratio=args.score_ratio[0])
     n = args.n_samples
     # targets: the superlattice placements, cycled
     from crystalfit.datasets import cu3au_placements
@@ -167,14 +191,15 @@ def table_d1(args) -> None:
     res = {}
     unguided = model.sample("Cu6Au2", n_samples=n, lattice=L, random_state=args.seed + 1)
     res["unguided"] = float(match_rate(unguided, targets, stol=0.05, angle_tol=10, ltol=0.3))
-    for r in (3, 5, 7):
+    for r in args.score_ratio:
         model.set_params(score_ratio=float(r))
         guided = model.sample(["Cu6Au2"] * n, n_samples=1, intensities=I, lattice=L, random_state=args.seed + 2)
-        res[f"1:{r}"] = float(match_rate(guided, targets, stol=0.05, angle_tol=10, ltol=0.3))
+        res[f"1:{r:g}"] = float(match_rate(guided, targets, stol=0.05, angle_tol=10, ltol=0.3))
     paper = {"unguided": 0.1164, "1:3": 0.3152, "1:5": 0.1447, "1:7": 0.1421}
-    md = ["| | DiffCSP | 1:3 | 1:5 | 1:7 |", "|---|---|---|---|---|",
-          "| ours | " + " | ".join(pct(res[k]) for k in ("unguided", "1:3", "1:5", "1:7")) + " |",
-          "| paper | " + " | ".join(pct(paper[k]) for k in ("unguided", "1:3", "1:5", "1:7")) + " |", "",
+    cols = list(res)
+    md = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
+          "| ours | " + " | ".join(pct(res[k]) for k in cols) + " |",
+          "| paper | " + " | ".join(pct(paper[k]) if k in paper else "-" for k in cols) + " |", "",
           f"Cu3Au 2x FCC supercell (6 Cu + 2 Au), lattice fixed (learn_lattice=False), {len(train)} noisy training "
           f"structures over all 28 placements; each sample conditioned on one superlattice placement's intensities and "
           f"matched against it (stol 0.05)."]
@@ -197,7 +222,7 @@ def csp(args) -> None:
     train = dev + [val[i] for i in perm[n_test:]]
     if args.n_train and args.n_train < len(train):
         train = train[: args.n_train]
-    model, t_fit = fit_model(train, args, score_ratio=args.score_ratio, step_lr=args.step_lr)
+    model, t_fit = fit_model(train, args, score_ratio=args.score_ratio[0], step_lr=args.step_lr)
     comps = ["".join(t.get_chemical_symbols()) for t in test]
     I = np.stack([single_crystal_intensities(t) for t in test])
     unguided = model.sample(comps, n_samples=1, random_state=args.seed + 1)
@@ -211,7 +236,7 @@ def csp(args) -> None:
           f"| paper Table 3 | {pct(paper['unguided'])} | {pct(paper['guided'])} |", "",
           f"{name}: train {len(train)} structures, test {n_test} held out (seeded split of val{' + perov_5_dev train' if dev else ''}); "
           "1-sample CSP match rate, StructureMatcher stol 0.5, angle_tol 10, ltol 0.3, no validity gating; "
-          f"intensities computed from the held-out structures; score ratio 1:{args.score_ratio}."]
+          f"intensities computed from the held-out structures; score ratio 1:{args.score_ratio[0]:g}."]
     write(f"csp_{name}", dict(results=res, paper=paper, settings=vars(args),
                              seconds=dict(fit=t_fit, per_structure_unguided=t_ung, per_structure_guided=t_g)),
           "\n".join(md))
@@ -269,7 +294,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--n-samples", type=int, default=100)
-    p.add_argument("--score-ratio", type=float, default=4.0)
+    p.add_argument("--score-ratio", type=float, nargs="+", default=[4.0],
+                   help="one or more guidance score ratios r (1:r); table1/table2/d1 report each")
+    p.add_argument("--fixed-lattice", action="store_true",
+                   help="table1/table2: train with learn_lattice=False and sample on the true cubic cell")
+    p.add_argument("--paper-intensity", action="store_true",
+                   help="guidance on the paper's Eq. 40 |E F|^2 instead of E|F|^2")
     p.add_argument("--step-lr", type=float, default=1e-5)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--stochastic", dest="zero_variance", action="store_false",

@@ -241,3 +241,41 @@ def test_shape_errors():
         structure_factor_intensities(frac, numbers, lattice, batch, hkl, torch.zeros(3))
     with pytest.raises(ShapeError, match=r"hkl has shape \(27, 2\)"):
         structure_factor_intensities(frac, numbers, lattice, batch, hkl[:, :2])
+
+
+def test_expected_intensity_matches_monte_carlo():
+    """E|F|^2 over independent Gaussian atoms (expected=True) and |E F|^2 (Eq. 40) against sampling.
+
+    The Monte Carlo reference draws positions x_v + sqrt(c_v) z and averages point-atom
+    intensities (and structure factors); the damped-form-factor formulas are not used.
+    """
+    from crystalfit.xrd.intensities import structure_factors
+
+    rng = np.random.default_rng(3)
+    lattice = _t(_random_lattice(rng))[None]
+    numbers = torch.tensor([8, 27, 81, 7])
+    frac = _t(rng.random((4, 3)))
+    variance = _t(0.004 + 0.01 * rng.random((4, 3)))
+    batch = torch.zeros(4, dtype=torch.long)
+    hkl = miller_indices(1)
+    n_mc = 40000
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn((n_mc, 4, 3), generator=gen, dtype=torch.float64)
+    pos = (frac + variance.sqrt() * z).reshape(-1, 3)
+    mc_batch = torch.arange(n_mc).repeat_interleave(4)
+    re, im = structure_factors(pos, numbers.repeat(n_mc), lattice.expand(n_mc, 3, 3), mc_batch, hkl)
+    mc_expected = (re**2 + im**2).mean(0)
+    mc_coherent = re.mean(0) ** 2 + im.mean(0) ** 2
+    expected = structure_factor_intensities(frac, numbers, lattice, batch, hkl, variance, expected=True)[0]
+    coherent = structure_factor_intensities(frac, numbers, lattice, batch, hkl, variance)[0]
+    scale = float(expected.max())
+    assert float((expected - mc_expected).abs().max()) < 0.01 * scale
+    assert float((coherent - mc_coherent).abs().max()) < 0.01 * scale
+    # the incoherent part is what Eq. 40 misses: positive away from h = 0, zero at h = 0
+    gap = expected - coherent
+    h0 = int(np.flatnonzero((hkl == 0).all(1))[0])
+    assert abs(float(gap[h0])) < 1e-9 * scale
+    assert bool((np.delete(gap.numpy(), h0) > 0).all())
+    # without a variance, expected=True changes nothing
+    point = structure_factor_intensities(frac, numbers, lattice, batch, hkl)
+    assert torch.equal(point, structure_factor_intensities(frac, numbers, lattice, batch, hkl, expected=True))

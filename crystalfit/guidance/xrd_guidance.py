@@ -6,8 +6,10 @@ At every predictor step the sampler hands over the current coordinates
 1. solves the periodic Tweedie equations per coordinate for the wrapped-normal
    posterior :math:`\mathrm{WN}(m, c)` of :math:`x_0` given :math:`x_t`
    (:func:`~crystalfit.guidance.tweedie.periodic_tweedie_moments`, ``m = x_t - delta``);
-2. predicts the intensities of that posterior, :math:`I_{calc}(h) = |\sum_v f_v
-   e^{2\pi i m_v\cdot h - 2\pi^2 c_v\cdot h^2}|^2` (Eqs. 39-40);
+2. predicts the intensities of that posterior: by default the expectation
+   :math:`E|F(h)|^2 = |\sum_v f_v e^{2\pi i m_v\cdot h - 2\pi^2 c_v\cdot h^2}|^2
+   + \sum_v f_v^2 (1 - e^{-4\pi^2 c_v\cdot h^2})` for independent Gaussian atoms;
+   ``expected_intensity=False`` gives the paper's Eq. (40) (first term only);
 3. takes :math:`g = -\partial_{x_t} \sum_h (k I_{calc}(h) - I_{obs}(h))^2` by
    autograd through ``I_calc -> m -> (x_t, s(x_t))`` (Eq. 44 up to the factor
    :math:`1/2\sigma_y^2`), which covers Eqs. (A8)-(A12) including the network
@@ -119,6 +121,14 @@ class XRDGuidance:
         exact-score toy (two perovskites, ``x_t = X + sigma eps``) it turns the
         guidance away from the source structure at ``sigma = 0.1`` (40/40 draws),
         while with ``c`` held constant 33/40 point toward it.
+    expected_intensity : bool
+        Compare ``E|F|^2 = |E F|^2 + sum_v f_v^2 (1 - D_v^2)`` of the posterior with
+        ``I_obs`` (default).  False uses the paper's Eq. (40), ``|E F|^2``, whose
+        ``v = xi`` terms are damped as well: it underestimates every ``h != 0``
+        intensity of blurred atoms, so the gradient mostly tries to sharpen high orders
+        instead of placing atoms.  Measured on Crystal-1/2 (fixed lattice, 40 samples,
+        ratio 1:4): 0.68/0.60 of samples land on the conditioned structure with Eq. 40,
+        0.83/0.80 with ``E|F|^2`` (docs/xrd_guided_diffusion.md).
 
     Attributes
     ----------
@@ -156,6 +166,7 @@ class XRDGuidance:
         use_variance: bool = True,
         n_quad: int = 32,
         variance_grad: bool = False,
+        expected_intensity: bool = True,
     ):
         numbers = torch.as_tensor(numbers)
         batch = torch.as_tensor(batch)
@@ -198,6 +209,7 @@ class XRDGuidance:
         self.use_variance = bool(use_variance)
         self.n_quad = int(n_quad)
         self.variance_grad = bool(variance_grad)
+        self.expected_intensity = bool(expected_intensity)
         self.num_crystals = n_crystals
         self.last_info: dict = {}
 
@@ -231,6 +243,7 @@ class XRDGuidance:
         i_calc = structure_factor_intensities(
             mean, numbers, lattice.detach().to(dt), batch, self.hkl.to(dev),
             variance=(c if self.variance_grad else c.detach()) if self.use_variance else None, validate=False,
+            expected=self.expected_intensity,
         )
         i_obs = self.intensities.to(device=dev, dtype=dt)
         if self.scale == "fit":

@@ -94,7 +94,8 @@ def structure_factors(
     variance: Tensor | None = None,
     *,
     validate: bool = True,
-) -> tuple[Tensor, Tensor]:
+    return_incoherent: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Real and imaginary parts of the structure factors ``F_b(h)``.
 
     Parameters
@@ -115,10 +116,15 @@ def structure_factors(
     validate : bool
         Check shapes and atomic numbers (costs a host sync; the guidance skips it
         after validating once).
+    return_incoherent : bool
+        Also return ``sum_v f_v^2 (1 - D_v^2)`` per crystal and reflection, with
+        ``D_v = exp(-2 pi^2 c_v . h^2)``: the part of ``E|F|^2`` that the damped
+        ``|E F|^2`` misses for independent Gaussian atoms (0 without ``variance``).
 
     Returns
     -------
     re, im : Tensor, shape (B, M) each, electrons
+    incoherent : Tensor, shape (B, M), electrons^2 (only with ``return_incoherent``)
     """
     hkl_t = torch.as_tensor(np.asarray(hkl) if not isinstance(hkl, Tensor) else hkl)
     hkl_t = hkl_t.to(device=frac.device, dtype=frac.dtype)
@@ -132,14 +138,20 @@ def structure_factors(
     g = torch.einsum("mi,bij->bmj", hkl_t, recip)  # (B, M, 3)
     s2 = 0.25 * (g * g).sum(-1)  # (B, M)
     f = form_factors_s2(numbers, s2[batch])  # (N, M)
+    shape = (num_crystals, hkl_t.shape[0])
+    incoherent = torch.zeros(shape, dtype=frac.dtype, device=frac.device)
     if variance is not None:
-        f = f * torch.exp(-2.0 * math.pi**2 * (variance.to(frac.dtype) @ (hkl_t * hkl_t).T))
+        damping = torch.exp(-2.0 * math.pi**2 * (variance.to(frac.dtype) @ (hkl_t * hkl_t).T))
+        if return_incoherent:
+            incoherent = incoherent.index_add(0, batch, f * f * (1.0 - damping * damping))
+        f = f * damping
     phase = (2.0 * math.pi) * (frac @ hkl_t.T)  # (N, M)
     re_atom = f * torch.cos(phase)
     im_atom = f * torch.sin(phase)
-    shape = (num_crystals, hkl_t.shape[0])
     re = torch.zeros(shape, dtype=frac.dtype, device=frac.device).index_add(0, batch, re_atom)
     im = torch.zeros(shape, dtype=frac.dtype, device=frac.device).index_add(0, batch, im_atom)
+    if return_incoherent:
+        return re, im, incoherent
     return re, im
 
 
@@ -152,6 +164,7 @@ def structure_factor_intensities(
     variance: Tensor | None = None,
     *,
     validate: bool = True,
+    expected: bool = False,
 ) -> Tensor:
     """Single-crystal intensities ``I_b(h) = |F_b(h)|^2`` (paper Eqs. 31, 39-40).
 
@@ -172,6 +185,11 @@ def structure_factor_intensities(
         ``exp(-2 pi^2 c_v . h^2)`` multiplies each atom's form factor.
     validate : bool
         Check shapes and atomic numbers.
+    expected : bool
+        With ``variance``: return the expectation ``E|F|^2`` over independent
+        Gaussian atoms, ``|E F|^2 + sum_v f_v^2 (1 - D_v^2)``, instead of the
+        paper's ``|E F|^2`` (Eq. 40, whose ``v = xi`` terms are damped too, so it
+        underestimates high-order intensities of blurred atoms).
 
     Returns
     -------
@@ -188,6 +206,10 @@ def structure_factor_intensities(
     >>> I[0, 0].item()  # (55 + 17)^2
     5184.0
     """
+    if expected and variance is not None:
+        re, im, incoherent = structure_factors(frac, numbers, lattice, batch, hkl, variance, validate=validate,
+                                               return_incoherent=True)
+        return re * re + im * im + incoherent
     re, im = structure_factors(frac, numbers, lattice, batch, hkl, variance, validate=validate)
     return re * re + im * im
 
