@@ -176,10 +176,11 @@ class XRDGuidedDiffusion(CrystalEstimator):
     # ----------------------------------------------------------------- presets
     @classmethod
     def preset(cls, name: str, **overrides) -> "XRDGuidedDiffusion":
-        """Settings used in the benchmarks: "toy" (Crystal-1/2 experiments), "perov_5",
+        """Settings used in the benchmarks: "toy" (Crystal-1/2 experiments: fixed lattice, so
+        :meth:`sample` needs ``lattice=``; pass ``learn_lattice=True`` for joint generation), "perov_5",
         "carbon_24", "paper" (the paper's 512x6 network and full 1000-step grid)."""
         presets = {
-            "toy": dict(max_epochs=60, batch_size=256, n_steps=100, score_ratio=4.0),
+            "toy": dict(max_epochs=150, batch_size=64, n_steps=100, score_ratio=10.0, learn_lattice=False),
             "perov_5": dict(max_epochs=300, batch_size=256, n_steps=200, score_ratio=3.0, step_lr=5e-7),
             "carbon_24": dict(max_epochs=300, batch_size=128, n_steps=200, score_ratio=3.0, step_lr=5e-6),
             "paper": dict(
