@@ -185,7 +185,7 @@ def table_d1(args) -> None:
     from crystalfit.datasets import cu3au_placements
 
     supers = [p for p in cu3au_placements() if p["superlattice"]]
-    targets = [make_cu3au(supers[i % len(supers)]["placement"]) for i in range(n)]
+    targets = [make_cu3au(supers[i % len(supers)]["index"]) for i in range(n)]
     I = np.stack([single_crystal_intensities(t) for t in targets])
     L = targets[0].cell[:]
     res = {}
