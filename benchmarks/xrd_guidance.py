@@ -96,6 +96,17 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def rate_table(first: str, rows, res: dict, paper: dict) -> list[str]:
+    """Markdown rows: one column per entry of ``res`` (ours), then the paper's DiffCSP and 1:4 columns."""
+    cols = list(res)
+    md = [f"| {first} | " + " | ".join(f"{c} (ours)" for c in cols) + " | DiffCSP (paper) | Ours 1:4 (paper) |",
+          "|---|" + "---|" * (len(cols) + 2)]
+    for row in rows:
+        md.append(f"| {row} | " + " | ".join(pct(res[c][row]) for c in cols) + f" | "
+                  f"{pct(paper['unguided'][row])} | {pct(paper['guided 1:4'][row])} |")
+    return md
+
+
 # --------------------------------------------------------------------- table 1
 def _suffix(args) -> str:
     return "_fixed_lattice" if args.fixed_lattice else ""
@@ -122,12 +133,7 @@ def table1(args) -> None:
             t_g.append(model.last_sample_stats_["seconds_per_structure"])
             res[f"guided 1:{r:g}"][name] = float(match_rate(guided, [targets[name]] * n, **tol))
     paper = {"guided 1:4": {"crystal-1": 0.956, "crystal-2": 0.955}, "unguided": {"crystal-1": 0.157, "crystal-2": 0.075}}
-    cols = list(res)
-    md = ["| target | " + " | ".join(f"{c} (ours)" for c in cols) + " | DiffCSP (paper) | Ours 1:4 (paper) |",
-          "|---|" + "---|" * (len(cols) + 2)]
-    for name in names:
-        md.append(f"| {name} | " + " | ".join(pct(res[c][name]) for c in cols) + f" | "
-                  f"{pct(paper['unguided'][name])} | {pct(paper['guided 1:4'][name])} |")
+    md = rate_table("target", names, res, paper)
     md.append("")
     mode = ("lattice fixed to the cubic 4.24596 A cell in training (learn_lattice=False) and sampling"
             if args.fixed_lattice else "lattice and coordinates generated jointly (as the paper)")
@@ -161,12 +167,7 @@ def table2(args) -> None:
         res[f"guided 1:{r:g}"] = {str(stol): float(match_rate(guided, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
                                   for stol in (0.05, 0.1, 0.5)}
     paper = {"unguided": {"0.05": 0.0, "0.1": 0.0, "0.5": 0.0803}, "guided 1:4": {"0.05": 0.0, "0.1": 0.0062, "0.5": 0.9621}}
-    cols = list(res)
-    md = ["| stol | " + " | ".join(f"{c} (ours)" for c in cols) + " | DiffCSP (paper) | Ours 1:4 (paper) |",
-          "|---|" + "---|" * (len(cols) + 2)]
-    for stol in ("0.05", "0.1", "0.5"):
-        md.append(f"| {stol} | " + " | ".join(pct(res[c][stol]) for c in cols) + f" | "
-                  f"{pct(paper['unguided'][stol])} | {pct(paper['guided 1:4'][stol])} |")
+    md = rate_table("stol", ("0.05", "0.1", "0.5"), res, paper)
     md.append("")
     mode = "lattice fixed (learn_lattice=False)" if args.fixed_lattice else "lattice generated jointly (as the paper)"
     md.append(f"Train on Crystal-1 + Crystal-3 ({len(train)} noisy structures, {args.epochs} epochs, batch "

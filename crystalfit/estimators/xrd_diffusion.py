@@ -279,12 +279,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         Deterministic for a fixed ``random_state``: times are a stratified grid over
         1..T and the noise comes from a generator seeded by ``random_state`` (0 if None).
         """
-        self._check_fitted()
-        batch = structures_to_batch(X)
-        self._check_structures(batch)
-        device = next(self.module_.parameters()).device
-        data = batch.to(device=device, dtype=torch.float32)
-        lattice_p, torus_p = self._processes(device)
+        batch, data, lattice_p, torus_p = self._fitted_inputs(X)
+        device = data.device
         seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else 0
         gen = make_generator(int(seed) + 7919, device)
         T = int(self.timesteps)
@@ -304,6 +300,16 @@ class XRDGuidedDiffusion(CrystalEstimator):
         return -float(np.sum(losses) / (B * n_rep))
 
     # ---------------------------------------------------------------- checking
+    def _fitted_inputs(self, X):
+        """Checked batch of ``X`` for a fitted model: ``(batch, float32 batch on the model's device,
+        lattice process, torus process)``."""
+        self._check_fitted()
+        batch = structures_to_batch(X)
+        self._check_structures(batch)
+        device = next(self.module_.parameters()).device
+        lattice_p, torus_p = self._processes(device)
+        return batch, batch.to(device=device, dtype=torch.float32), lattice_p, torus_p
+
     def _check_structures(self, batch: CrystalBatch) -> None:
         seen = set(self.elements_)
         numbers = batch.numbers.tolist()
@@ -522,12 +528,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         -------
         list of np.ndarray, shape (n_atoms, 3) each, in 1/(fractional unit).
         """
-        self._check_fitted()
-        batch = structures_to_batch(structures)
-        self._check_structures(batch)
-        device = next(self.module_.parameters()).device
-        data = batch.to(device=device, dtype=torch.float32)
-        lattice_p, torus_p = self._processes(device)
+        batch, data, lattice_p, torus_p = self._fitted_inputs(structures)
+        device = data.device
         sig = torus_p.sigmas[1:].double().cpu().numpy()
         t_int = int(np.argmin(np.abs(np.log(sig) - np.log(max(noise_level, 1e-12))))) + 1
         t = torch.full((data.num_crystals,), t_int, device=device, dtype=torch.long)

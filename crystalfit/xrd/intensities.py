@@ -139,7 +139,8 @@ def structure_factors(
     s2 = 0.25 * (g * g).sum(-1)  # (B, M)
     f = form_factors_s2(numbers, s2[batch])  # (N, M)
     shape = (num_crystals, hkl_t.shape[0])
-    incoherent = torch.zeros(shape, dtype=frac.dtype, device=frac.device)
+    if return_incoherent:
+        incoherent = torch.zeros(shape, dtype=frac.dtype, device=frac.device)
     if variance is not None:
         damping = torch.exp(-2.0 * math.pi**2 * (variance.to(frac.dtype) @ (hkl_t * hkl_t).T))
         if return_incoherent:
@@ -206,12 +207,11 @@ def structure_factor_intensities(
     >>> I[0, 0].item()  # (55 + 17)^2
     5184.0
     """
-    if expected and variance is not None:
-        re, im, incoherent = structure_factors(frac, numbers, lattice, batch, hkl, variance, validate=validate,
-                                               return_incoherent=True)
-        return re * re + im * im + incoherent
-    re, im = structure_factors(frac, numbers, lattice, batch, hkl, variance, validate=validate)
-    return re * re + im * im
+    incoherent = expected and variance is not None
+    re, im, *rest = structure_factors(frac, numbers, lattice, batch, hkl, variance, validate=validate,
+                                      return_incoherent=incoherent)
+    intensities = re * re + im * im
+    return intensities + rest[0] if incoherent else intensities
 
 
 def single_crystal_intensities(atoms: Any, hkl_range: int = 2) -> np.ndarray:
