@@ -70,7 +70,7 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
     """
     kw = dict(max_epochs=args.epochs, n_steps=args.steps, random_state=args.seed, batch_size=args.batch_size,
               verbose=args.verbose, zero_variance=args.zero_variance, learning_rate=args.lr,
-              expected_intensity=not args.paper_intensity)
+              expected_intensity=not args.paper_intensity, self_condition=args.self_condition)
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
@@ -301,6 +301,8 @@ def main() -> None:
                    help="table1/table2: train with learn_lattice=False and sample on the true cubic cell")
     p.add_argument("--paper-intensity", action="store_true",
                    help="guidance on the paper's Eq. 40 |E F|^2 instead of E|F|^2")
+    p.add_argument("--no-self-condition", dest="self_condition", action="store_false",
+                   help="DiffCSP's network input (L_t, X_t, A) instead of the lattice self-conditioning default")
     p.add_argument("--step-lr", type=float, default=1e-5)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--stochastic", dest="zero_variance", action="store_false",

@@ -124,3 +124,95 @@ def test_denoiser_calculator_with_fitted_model(fitted, data):
     assert np.allclose(f, (0.01 ** 2 * score) @ atoms.cell[:], rtol=1e-4, atol=1e-6)
     with pytest.raises(PropertyNotImplementedError):
         atoms.get_potential_energy()
+
+
+# ------------------------------------------------------------- lattice self-conditioning
+def _random_rotation(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))  # orthogonal, det +-1 (reflections included)
+
+
+def test_self_conditioned_denoiser_symmetries():
+    """eps_L rotates with (L_t, hint) together, pred_x is invariant; permuting atoms permutes
+    pred_x; the hint changes the output (it is used) and is refused without self_condition."""
+    from crystalfit.estimators.xrd_diffusion import CSPDenoiser
+
+    torch.manual_seed(0)
+    net = CSPDenoiser(self_condition=True, **TINY).double()
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(2, 3, 3, generator=g, dtype=torch.float64) * 2
+    hint = torch.eye(3, dtype=torch.float64).expand(2, 3, 3) * 4.2 + 0.3 * torch.randn(2, 3, 3, generator=g, dtype=torch.float64)
+    frac = torch.rand(7, 3, generator=g, dtype=torch.float64)
+    numbers = torch.tensor([8, 7, 7, 81, 27, 8, 29])
+    counts = torch.tensor([5, 2])
+    batch = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    t = torch.tensor([700, 300])
+    eps, px = net(lat, frac, numbers, counts, batch, t, hint)
+    for seed in (2, 3):
+        R = _random_rotation(seed)
+        eps_r, px_r = net(lat @ R, frac, numbers, counts, batch, t, hint @ R)
+        torch.testing.assert_close(eps_r, eps @ R, atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(px_r, px, atol=1e-9, rtol=1e-7)
+    perm = torch.tensor([3, 1, 4, 0, 2, 6, 5])
+    _, px_p = net(lat, frac[perm], numbers[perm], counts, batch, t, hint)
+    torch.testing.assert_close(px_p, px[perm], atol=1e-9, rtol=1e-7)
+    eps0, px0 = net(lat, frac, numbers, counts, batch, t)
+    assert not torch.allclose(px0, px) and not torch.allclose(eps0, eps)
+    plain = CSPDenoiser(self_condition=False, **TINY).double()
+    with pytest.raises(CrystalfitError, match="self_condition=True"):
+        plain(lat, frac, numbers, counts, batch, t, hint)
+
+
+def test_self_condition_sampling_passes_tweedie_hint(data, monkeypatch):
+    """During joint sampling every call after the first gets the clipped Tweedie lattice
+    estimate of the previous call; with a given lattice every call gets that lattice."""
+    from crystalfit.estimators.xrd_diffusion import CSPDenoiser
+
+    model = _model(n_steps=3).fit(data)
+    assert model.self_conditioned_
+    seen, original = [], CSPDenoiser.forward
+
+    def spy(self, lattice, frac, numbers, num_atoms, batch, t, lattice_hint=None):
+        out = original(self, lattice, frac, numbers, num_atoms, batch, t, lattice_hint)
+        seen.append((lattice.clone(), None if lattice_hint is None else lattice_hint.clone(), out[0].detach(), t))
+        return out
+
+    monkeypatch.setattr(CSPDenoiser, "forward", spy)
+    model.sample("CoN2OTl", n_samples=2)
+    assert len(seen) == 6 and seen[0][1] is None
+    lattice_p, _ = model._processes(torch.device("cpu"))
+    for (lat, _, eps, t), (_, hint, _, _) in zip(seen[:-1], seen[1:]):
+        expected = model._lattice_estimate(lattice_p, lat, eps, t)
+        torch.testing.assert_close(hint, expected)
+    seen.clear()
+    cell = make_perovskite("crystal-1").cell[:]
+    model.sample("CoN2OTl", n_samples=2, lattice=cell)
+    assert all(torch.allclose(h, torch.as_tensor(cell, dtype=h.dtype).expand(2, 3, 3)) for _, h, _, _ in seen)
+
+
+def test_self_condition_save_load_and_old_models(data, tmp_path):
+    import json
+
+    model = _model().fit(data)
+    model.save(tmp_path / "m")
+    again = XRDGuidedDiffusion.load(tmp_path / "m")
+    assert again.self_conditioned_ is True
+    a = model.sample("CoN2OTl", n_samples=2, random_state=3)
+    b = again.sample("CoN2OTl", n_samples=2, random_state=3)
+    np.testing.assert_allclose(a[0].get_scaled_positions(), b[0].get_scaled_positions(), atol=1e-6)
+    # a model saved before self-conditioning existed loads as DiffCSP's plain input
+    plain = _model(self_condition=False).fit(data)
+    assert plain.self_conditioned_ is False
+    plain.save(tmp_path / "old")
+    state_file = next(p for p in (tmp_path / "old").iterdir() if p.name.startswith("fitted"))
+    state = json.loads(state_file.read_text())
+    del state["self_conditioned_"]
+    state_file.write_text(json.dumps(state))
+    assert XRDGuidedDiffusion.load(tmp_path / "old").self_conditioned_ is False
+
+
+@pytest.mark.parametrize("name", ["zero_variance", "expected_intensity", "learn_lattice", "self_condition"])
+def test_boolean_params_validated(data, name):
+    with pytest.raises(CrystalfitError, match=f"{name} must be True or False, got 'yes'"):
+        _model(**{name: "yes"}).fit(data)

@@ -102,6 +102,8 @@ class CrystalEstimator(BaseEstimator):
 
     #: names of fitted attributes (JSON-able) needed to rebuild ``module_``
     _fitted_json_attrs: tuple[str, ...] = ()
+    #: values for fitted attributes missing from models saved by older versions
+    _fitted_json_defaults: dict = {}
     #: name of the dict parameter holding the network settings
     _network_param: str = "network"
     #: defaults of the network settings (merged with the user's dict)
@@ -240,7 +242,8 @@ class CrystalEstimator(BaseEstimator):
 
     def _restore_fitted(self, state: dict, weights: dict, device: torch.device) -> None:
         for name in self._fitted_json_attrs:
-            setattr(self, name, state[name])
+            # attributes added after a model was saved take their documented default
+            setattr(self, name, state[name] if name in state else self._fitted_json_defaults[name])
         self.history_ = list(state.get("history_", []))
         self.n_epochs_ = int(state.get("n_epochs_", len(self.history_)))
         module = self._build_module()

@@ -36,7 +36,8 @@ from ..exceptions import (
     UnknownElementError,
 )
 from ..io import batch_to_atoms, parse_composition, structures_to_batch
-from ..nn import PeriodicEquivariantNetwork
+from ..nn import PeriodicEquivariantNetwork, lattice_invariants
+from ..nn.embeddings import N_LATTICE_INVARIANTS
 from ..sampling import predictor_corrector_sample
 from .base import CrystalEstimator, make_generator, seed_from_random_state
 
@@ -49,20 +50,41 @@ LATTICE_CLIP_FACTOR = 1.5
 class CSPDenoiser(nn.Module):
     """Denoiser for joint lattice / coordinate diffusion.
 
-    ``forward(lattice (B,3,3), frac (N,3), numbers (N,), num_atoms (B,), batch (N,), t (B,))``
-    returns ``(eps_lattice (B,3,3), pred_x (N,3))``: the lattice noise (an
-    O(3)-equivariant ``M @ L`` output) and the normalised fractional score
-    (rotation invariant: the l=1 head mapped through the lattice plus three
-    invariant scalars per atom).
+    ``forward(lattice (B,3,3), frac (N,3), numbers (N,), num_atoms (B,), batch (N,), t (B,),
+    lattice_hint=None)`` returns ``(eps_lattice (B,3,3), pred_x (N,3))``: the lattice
+    noise (an O(3)-equivariant ``M @ L_t`` output) and the normalised fractional score
+    (rotation invariant: the l=1 head mapped through the lattice plus three invariant
+    scalars per atom).
+
+    With ``self_condition=True`` the atoms' geometry (Cartesian edge vectors) is built
+    from ``lattice_hint``, an estimate of the clean lattice ``L_0`` (the Tweedie
+    estimate of an earlier call), instead of the noisy ``L_t``, which is mostly noise
+    at the times where the atomic arrangement is decided.  The network also receives
+    the invariants of ``L_t``, the cross Gram matrix ``L_hint L_t^T`` and a flag
+    telling whether a hint was given (it is trained with and without, so the first
+    reverse step needs none).  This is the paper's score-network input
+    ``[L_0, X_t, A]`` (Appendix B) made usable when ``L_0`` is not known.
     """
 
-    def __init__(self, **network_kwargs: Any) -> None:
+    def __init__(self, self_condition: bool = False, **network_kwargs: Any) -> None:
         super().__init__()
-        self.net = PeriodicEquivariantNetwork(n_atom_scalars=3, lattice_head=True, **network_kwargs)
+        self.self_condition = bool(self_condition)
+        cond_dim = N_LATTICE_INVARIANTS + 10 if self.self_condition else 0
+        self.net = PeriodicEquivariantNetwork(n_atom_scalars=3, lattice_head=True, cond_dim=cond_dim, **network_kwargs)
 
-    def forward(self, lattice, frac, numbers, num_atoms, batch, t):
+    def forward(self, lattice, frac, numbers, num_atoms, batch, t, lattice_hint=None):
+        geometry, cond = lattice, None
+        if self.self_condition:
+            geometry = lattice if lattice_hint is None else lattice_hint
+            r2 = self.net.r_max**2
+            cross = (geometry @ lattice.transpose(-1, -2)).reshape(-1, 9) / r2
+            flag = lattice.new_full((lattice.shape[0], 1), float(lattice_hint is not None))
+            cond = torch.cat([lattice_invariants(lattice, self.net.r_max), cross, flag], dim=-1)
+        elif lattice_hint is not None:
+            raise CrystalfitError("lattice_hint needs a denoiser built with self_condition=True")
         out = self.net(
-            CrystalBatch(lattice=lattice, frac=frac, numbers=numbers, num_atoms=num_atoms, batch=batch), t
+            CrystalBatch(lattice=geometry, frac=frac, numbers=numbers, num_atoms=num_atoms, batch=batch), t,
+            cond=cond, lattice_basis=lattice,
         )
         return out["lattice"], out["frac_vectors"] + out["atom_scalars"]
 
@@ -99,6 +121,12 @@ class XRDGuidedDiffusion(CrystalEstimator):
     learn_lattice : bool
         Learn the lattice too.  With False only coordinates are learned and
         :meth:`sample` needs ``lattice=`` (paper Appendix D).
+    self_condition : bool
+        With ``learn_lattice=True``: the network builds the atoms' geometry from the
+        Tweedie estimate of the clean lattice made by the previous network call instead
+        of the noisy lattice ``L_t`` (see :class:`CSPDenoiser`).  Training takes a second,
+        gradient-free forward pass on half the batches (about 1.2x the time); sampling
+        costs nothing extra.  False is DiffCSP's network input ``(L_t, X_t, A)``.
     timesteps, sigma_begin, sigma_end : diffusion settings (DiffCSP: 1000, 0.005, 0.5).
     device : "auto", "cpu", "cuda", ...
     random_state : int or None
@@ -123,7 +151,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
     2
     """
 
-    _fitted_json_attrs = ("elements_", "max_atoms_", "learned_lattice_", "lattice_norm_max_")
+    _fitted_json_attrs = ("elements_", "max_atoms_", "learned_lattice_", "lattice_norm_max_", "self_conditioned_")
+    _fitted_json_defaults = {"self_conditioned_": False}
     _network_defaults = dict(
         hidden_scalars=64,
         hidden_vectors=16,
@@ -148,6 +177,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         zero_variance: bool = True,
         expected_intensity: bool = True,
         learn_lattice: bool = True,
+        self_condition: bool = True,
         timesteps: int = 1000,
         sigma_begin: float = 0.005,
         sigma_end: float = 0.5,
@@ -166,6 +196,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.zero_variance = zero_variance
         self.expected_intensity = expected_intensity
         self.learn_lattice = learn_lattice
+        self.self_condition = self_condition
         self.timesteps = timesteps
         self.sigma_begin = sigma_begin
         self.sigma_end = sigma_end
@@ -202,7 +233,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         return lattice, torus
 
     def _build_module(self) -> nn.Module:
-        return CSPDenoiser(**self.network_settings())
+        return CSPDenoiser(self_condition=getattr(self, "self_conditioned_", False), **self.network_settings())
 
     def _validate_params(self) -> None:
         self._validate_common_params()
@@ -218,13 +249,25 @@ class XRDGuidedDiffusion(CrystalEstimator):
             raise CrystalfitError(f"score_ratio must be a finite float >= 0, got {self.score_ratio!r}; the paper uses 3 or 4")
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
+        for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "verbose"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise CrystalfitError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not 0 < self.sigma_begin < self.sigma_end:
             raise CrystalfitError(
                 f"need 0 < sigma_begin < sigma_end, got sigma_begin={self.sigma_begin}, sigma_end={self.sigma_end}"
             )
 
-    def _loss(self, batch: CrystalBatch, t: torch.Tensor, gen: torch.Generator, lattice_p, torus_p) -> torch.Tensor:
-        """DiffCSP loss (SPEC 1.2-1.3): MSE on lattice eps + MSE on the normalised coordinate score."""
+    def _lattice_estimate(self, lattice_p, lat_t, eps_hat, t):
+        """Tweedie estimate of the clean lattice, clipped as in sampling (no grad)."""
+        eps_hat = lattice_p.clip_eps(lat_t, eps_hat.detach(), t, LATTICE_CLIP_FACTOR * self.lattice_norm_max_)
+        return lattice_p._tweedie_x0(lat_t, eps_hat, t).detach()
+
+    def _loss(self, batch: CrystalBatch, t: torch.Tensor, gen: torch.Generator, lattice_p, torus_p,
+              hinted: bool | None = None) -> torch.Tensor:
+        """DiffCSP loss (SPEC 1.2-1.3): MSE on lattice eps + MSE on the normalised coordinate score.
+
+        With self-conditioning, ``hinted`` says whether the network gets the lattice estimate
+        of a first, gradient-free call (None: a fair coin drawn from ``gen``)."""
         dev = batch.device
         eps_l = torch.randn(batch.lattice.shape, generator=gen, device=dev, dtype=batch.dtype)
         eps_f = torch.randn(batch.frac.shape, generator=gen, device=dev, dtype=batch.dtype)
@@ -236,7 +279,15 @@ class XRDGuidedDiffusion(CrystalEstimator):
             lat_t = lattice_p.q_sample(batch.lattice, t, eps_l)
         else:
             lat_t = batch.lattice
-        eps_hat, pred_x = self.module_(lat_t, frac_t, batch.numbers, batch.num_atoms, batch.batch, t)
+        hint = None
+        if self.learned_lattice_ and self.self_conditioned_:
+            if hinted is None:
+                hinted = bool(torch.rand((), generator=gen, device=dev) < 0.5)
+            if hinted:
+                with torch.no_grad():
+                    eps0, _ = self.module_(lat_t, frac_t, batch.numbers, batch.num_atoms, batch.batch, t)
+                hint = self._lattice_estimate(lattice_p, lat_t, eps0, t)
+        eps_hat, pred_x = self.module_(lat_t, frac_t, batch.numbers, batch.num_atoms, batch.batch, t, hint)
         loss = torch.mean((pred_x - target_x) ** 2)
         if self.learned_lattice_:
             loss = loss + torch.mean((eps_hat - eps_l) ** 2)
@@ -257,6 +308,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.elements_ = sorted(set(int(z) for z in batch.numbers.tolist()))
         self.max_atoms_ = int(batch.num_atoms.max())
         self.learned_lattice_ = bool(self.learn_lattice)
+        self.self_conditioned_ = bool(self.learn_lattice and self.self_condition)
         self.lattice_norm_max_ = float(torch.linalg.matrix_norm(batch.lattice).max())
         self.history_ = []
         self.module_ = self._build_module().to(device)
@@ -296,7 +348,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 for start in range(0, B, 512):
                     idx = list(range(start, min(B, start + 512)))
                     sub = data.select(idx)
-                    losses.append(float(self._loss(sub, t[idx], gen, lattice_p, torus_p)) * len(idx))
+                    loss = self._loss(sub, t[idx], gen, lattice_p, torus_p, hinted=True)
+                    losses.append(float(loss) * len(idx))
         return -float(np.sum(losses) / (B * n_rep))
 
     # ---------------------------------------------------------------- checking
@@ -453,8 +506,17 @@ class XRDGuidedDiffusion(CrystalEstimator):
         module = self.module_
         module.eval()
 
+        # self-conditioning: each call gets the clean-lattice estimate of the previous call
+        # (or the given lattice); the first call of a joint run gets none
+        hint = {"lattice": fixed_t}
+
         def model_fn(lat, frac, t):
-            return module(lat, frac, numbers, counts, batch_idx, t)
+            if not self.self_conditioned_:
+                return module(lat, frac, numbers, counts, batch_idx, t)
+            eps, pred_x = module(lat, frac, numbers, counts, batch_idx, t, hint["lattice"])
+            if fixed_t is None:
+                hint["lattice"] = self._lattice_estimate(lattice_p, lat, eps, t)
+            return eps, pred_x
 
         guidance = None
         if target is not None:
@@ -534,7 +596,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         t_int = int(np.argmin(np.abs(np.log(sig) - np.log(max(noise_level, 1e-12))))) + 1
         t = torch.full((data.num_crystals,), t_int, device=device, dtype=torch.long)
         with torch.no_grad():
-            _, pred_x = self.module_(data.lattice, data.frac, data.numbers, data.num_atoms, data.batch, t)
+            hint = data.lattice if self.self_conditioned_ else None
+            _, pred_x = self.module_(data.lattice, data.frac, data.numbers, data.num_atoms, data.batch, t, hint)
             score = torus_p.score_from_prediction(pred_x, t[data.batch])
         score = score.double().cpu().numpy()
         ptr = batch.ptr.tolist()

@@ -480,7 +480,7 @@ class PeriodicEquivariantNetwork(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, batch, t: Tensor | None = None, cond: Tensor | None = None,
-                type_probs: Tensor | None = None) -> dict[str, Tensor]:
+                type_probs: Tensor | None = None, lattice_basis: Tensor | None = None) -> dict[str, Tensor]:
         """Run the network.
 
         Parameters
@@ -498,6 +498,10 @@ class PeriodicEquivariantNetwork(nn.Module):
         type_probs : Tensor, shape (N, num_species + 1), optional
             Soft species weights over ``Z = 0..num_species``; replaces the
             embedding lookup of ``numbers`` by ``type_probs @ embedding``.
+        lattice_basis : Tensor, shape (B, 3, 3), optional
+            The lattice output is ``M @ lattice_basis`` instead of ``M @ batch.lattice``
+            (equivariant as long as both rotate together); used when the geometry
+            comes from a lattice estimate but the output refers to another lattice.
 
         Returns
         -------
@@ -509,7 +513,8 @@ class PeriodicEquivariantNetwork(nn.Module):
             and learns the scale; divide by a typical ``|L|^2`` if needed);
             ``atom_scalars`` (N, n_atom_scalars), invariant;
             ``crystal_scalars`` (B, n_crystal_scalars), invariant;
-            ``lattice`` (B, 3, 3) ``= M L`` (only if ``lattice_head``), equivariant.
+            ``lattice`` (B, 3, 3) ``= M L`` (only if ``lattice_head``; ``L`` is
+            ``lattice_basis`` when given), equivariant.
         """
         lattice, frac, numbers, num_atoms = batch.lattice, batch.frac, batch.numbers, batch.num_atoms
         node_batch = getattr(batch, "batch", None)
@@ -544,5 +549,9 @@ class PeriodicEquivariantNetwork(nn.Module):
             "crystal_scalars": self.crystal_head(pooled),
         }
         if self.lattice_out is not None:
-            out["lattice"] = self.lattice_out(pooled, lattice)
+            basis = lattice if lattice_basis is None else lattice_basis
+            if basis.shape != lattice.shape:
+                raise ShapeError(f"lattice_basis has shape {tuple(basis.shape)}, expected {tuple(lattice.shape)} "
+                                 "= one (3, 3) lattice per crystal")
+            out["lattice"] = self.lattice_out(pooled, basis)
         return out
