@@ -7,6 +7,7 @@ Usage (each writes benchmarks/results/xrd_<experiment>.json and .md)::
     python benchmarks/xrd_guidance.py d1
     python benchmarks/xrd_guidance.py csp --dataset perov_5     # needs CRYSTALFIT_DATA
     python benchmarks/xrd_guidance.py speed
+    python benchmarks/xrd_guidance.py ablation --fixed-lattice --model DIR --score-ratio 4 10 15 40
 
 All runs: CPU, torch.set_num_threads(--threads), float32, fixed seeds.
 """
@@ -177,6 +178,51 @@ def table2(args) -> None:
           "\n".join(md))
 
 
+# ------------------------------------------------------------------- ablation
+def ablation(args) -> None:
+    """Sampling-side ablations of the guidance on one Table 1 model (fitted or ``--model``).
+
+    Every variant changes one setting of the reference (E|F|^2 guidance, zero variance,
+    corrector step_lr, the first ``--score-ratio``) and samples ``--n-samples`` structures
+    per target crystal with the same seeds."""
+    names = ["crystal-1", "crystal-2"]
+    train = make_perovskite_arrangements(names, args.n_train, random_state=args.seed)
+    model, t_fit = fit_model(train, args, learn_lattice=not args.fixed_lattice)
+    tol = dict(stol=0.05, angle_tol=10, ltol=0.3)
+    targets = {n: make_perovskite(n) for n in names}
+    lat = dict(lattice=targets["crystal-1"].cell[:]) if args.fixed_lattice else {}
+    n, r0 = args.n_samples, args.score_ratio[0]
+    reference = dict(score_ratio=r0, expected_intensity=True, zero_variance=True, step_lr=args.step_lr,
+                     n_steps=args.steps)
+    variants = [("reference", {}), ("Eq. 40 intensity |E F|^2", dict(expected_intensity=False)),
+                ("stochastic sampler", dict(zero_variance=False)), ("no corrector (step_lr=0)", dict(step_lr=0.0))]
+    variants += [(f"score ratio 1:{r:g}", dict(score_ratio=r)) for r in args.score_ratio[1:]]
+    res, secs = {}, {}
+    model.set_params(**reference)
+    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 1, **lat)
+    res["unguided"] = {name: float(match_rate(unguided, [targets[name]] * n, **tol)) for name in names}
+    secs["unguided"] = model.last_sample_stats_["seconds_per_structure"]
+    for label, change in variants:
+        model.set_params(**{**reference, **change})
+        res[label], t = {}, []
+        for k, name in enumerate(names):
+            I = single_crystal_intensities(targets[name])
+            out = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=args.seed + 2 + k, **lat)
+            t.append(model.last_sample_stats_["seconds_per_structure"])
+            res[label][name] = float(match_rate(out, [targets[name]] * n, **tol))
+        secs[label] = float(np.mean(t))
+        print(label, res[label], flush=True)
+    md = ["| variant | Crystal-1 | Crystal-2 | s/structure |", "|---|---|---|---|"]
+    md += [f"| {k} | {pct(v['crystal-1'])} | {pct(v['crystal-2'])} | {secs[k]:.3f} |" for k, v in res.items()]
+    mode = "lattice fixed (learn_lattice=False)" if args.fixed_lattice else "lattice generated jointly"
+    md += ["", f"Reference: guided, E|F|^2 intensity, zero-variance, step_lr={args.step_lr:g}, {args.steps} steps, "
+               f"ratio 1:{r0:g}; each row changes one setting. {n} samples per target, StructureMatcher stol 0.05, "
+               f"angle_tol 10, ltol 0.3; {mode}; model: {args.epochs} epochs, batch {args.batch_size}, "
+               f"{len(train)} training structures."]
+    write("ablation" + _suffix(args), dict(results=res, settings=vars(args), seconds=dict(fit=t_fit, **secs)),
+          "\n".join(md))
+
+
 # ------------------------------------------------------------------- table D1
 def table_d1(args) -> None:
     train = make_cu3au_supercells(args.n_train, random_state=args.seed)
@@ -287,7 +333,7 @@ def speed(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("experiment", choices=["table1", "table2", "d1", "csp", "speed"])
+    p.add_argument("experiment", choices=["table1", "table2", "d1", "csp", "speed", "ablation"])
     p.add_argument("--dataset", default="perov_5")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
@@ -314,7 +360,8 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"table1": table1, "table2": table2, "d1": table_d1, "csp": csp, "speed": speed}[args.experiment](args)
+    {"table1": table1, "table2": table2, "d1": table_d1, "csp": csp, "speed": speed,
+     "ablation": ablation}[args.experiment](args)
 
 
 if __name__ == "__main__":
