@@ -71,7 +71,8 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
     """
     kw = dict(max_epochs=args.epochs, n_steps=args.steps, random_state=args.seed, batch_size=args.batch_size,
               verbose=args.verbose, zero_variance=args.zero_variance, learning_rate=args.lr,
-              expected_intensity=not args.paper_intensity, self_condition=args.self_condition)
+              expected_intensity=not args.paper_intensity, self_condition=args.self_condition,
+              polar_lattice=args.polar_lattice)
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
@@ -349,6 +350,8 @@ def main() -> None:
                    help="guidance on the paper's Eq. 40 |E F|^2 instead of E|F|^2")
     p.add_argument("--no-self-condition", dest="self_condition", action="store_false",
                    help="DiffCSP's network input (L_t, X_t, A) instead of the lattice self-conditioning default")
+    p.add_argument("--no-polar-lattice", dest="polar_lattice", action="store_false",
+                   help="DiffCSP's lattice head M L_t instead of M L_t + M2 U(L_t)")
     p.add_argument("--step-lr", type=float, default=1e-5)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--stochastic", dest="zero_variance", action="store_false",

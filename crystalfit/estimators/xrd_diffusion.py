@@ -64,13 +64,17 @@ class CSPDenoiser(nn.Module):
     telling whether a hint was given (it is trained with and without, so the first
     reverse step needs none).  This is the paper's score-network input
     ``[L_0, X_t, A]`` (Appendix B) made usable when ``L_0`` is not known.
+
+    ``polar_lattice=True`` adds ``M2 @ U(L_t)`` to the lattice output, ``U`` the polar
+    factor of ``L_t`` (:class:`crystalfit.nn.heads.LatticeHead`).
     """
 
-    def __init__(self, self_condition: bool = False, **network_kwargs: Any) -> None:
+    def __init__(self, self_condition: bool = False, polar_lattice: bool = False, **network_kwargs: Any) -> None:
         super().__init__()
         self.self_condition = bool(self_condition)
         cond_dim = N_LATTICE_INVARIANTS + 10 if self.self_condition else 0
-        self.net = PeriodicEquivariantNetwork(n_atom_scalars=3, lattice_head=True, cond_dim=cond_dim, **network_kwargs)
+        self.net = PeriodicEquivariantNetwork(n_atom_scalars=3, lattice_head=True, cond_dim=cond_dim,
+                                              polar_lattice_head=polar_lattice, **network_kwargs)
 
     def forward(self, lattice, frac, numbers, num_atoms, batch, t, lattice_hint=None):
         geometry, cond = lattice, None
@@ -127,6 +131,11 @@ class XRDGuidedDiffusion(CrystalEstimator):
         of the noisy lattice ``L_t`` (see :class:`CSPDenoiser`).  Training takes a second,
         gradient-free forward pass on half the batches (about 1.2x the time); sampling
         costs nothing extra.  False is DiffCSP's network input ``(L_t, X_t, A)``.
+    polar_lattice : bool
+        The lattice noise is predicted as ``M L_t + M2 U(L_t)`` with ``U`` the orthogonal
+        polar factor of ``L_t`` (see :class:`crystalfit.nn.heads.LatticeHead`); False is
+        DiffCSP's ``M L_t``, with which the generated Crystal-1/2 cells scatter by
+        +-0.2 A and +-1.5 degrees around the single training cell.
     timesteps, sigma_begin, sigma_end : diffusion settings (DiffCSP: 1000, 0.005, 0.5).
     device : "auto", "cpu", "cuda", ...
     random_state : int or None
@@ -151,8 +160,9 @@ class XRDGuidedDiffusion(CrystalEstimator):
     2
     """
 
-    _fitted_json_attrs = ("elements_", "max_atoms_", "learned_lattice_", "lattice_norm_max_", "self_conditioned_")
-    _fitted_json_defaults = {"self_conditioned_": False}
+    _fitted_json_attrs = ("elements_", "max_atoms_", "learned_lattice_", "lattice_norm_max_", "self_conditioned_",
+                          "polar_lattice_")
+    _fitted_json_defaults = {"self_conditioned_": False, "polar_lattice_": False}
     _network_defaults = dict(
         hidden_scalars=64,
         hidden_vectors=16,
@@ -178,6 +188,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         expected_intensity: bool = True,
         learn_lattice: bool = True,
         self_condition: bool = True,
+        polar_lattice: bool = True,
         timesteps: int = 1000,
         sigma_begin: float = 0.005,
         sigma_end: float = 0.5,
@@ -197,6 +208,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.expected_intensity = expected_intensity
         self.learn_lattice = learn_lattice
         self.self_condition = self_condition
+        self.polar_lattice = polar_lattice
         self.timesteps = timesteps
         self.sigma_begin = sigma_begin
         self.sigma_end = sigma_end
@@ -233,7 +245,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         return lattice, torus
 
     def _build_module(self) -> nn.Module:
-        return CSPDenoiser(self_condition=getattr(self, "self_conditioned_", False), **self.network_settings())
+        return CSPDenoiser(self_condition=getattr(self, "self_conditioned_", False),
+                           polar_lattice=getattr(self, "polar_lattice_", False), **self.network_settings())
 
     def _validate_params(self) -> None:
         self._validate_common_params()
@@ -249,7 +262,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
             raise CrystalfitError(f"score_ratio must be a finite float >= 0, got {self.score_ratio!r}; the paper uses 3 or 4")
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
-        for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "verbose"):
+        for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "polar_lattice",
+                     "verbose"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise CrystalfitError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not 0 < self.sigma_begin < self.sigma_end:
@@ -309,6 +323,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.max_atoms_ = int(batch.num_atoms.max())
         self.learned_lattice_ = bool(self.learn_lattice)
         self.self_conditioned_ = bool(self.learn_lattice and self.self_condition)
+        self.polar_lattice_ = bool(self.learn_lattice and self.polar_lattice)
         self.lattice_norm_max_ = float(torch.linalg.matrix_norm(batch.lattice).max())
         self.history_ = []
         self.module_ = self._build_module().to(device)

@@ -10,6 +10,7 @@ from .lattice import (
     lattice_params_to_matrix,
     metric_tensor,
     minimum_image_frac,
+    polar_factor,
     reciprocal_lattice,
     wrap_frac,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "lattice_params_to_matrix",
     "metric_tensor",
     "minimum_image_frac",
+    "polar_factor",
     "reciprocal_lattice",
     "wrap_frac",
 ]

@@ -360,6 +360,9 @@ class PeriodicEquivariantNetwork(nn.Module):
         Invariant per-crystal outputs (from mean-pooled scalars).
     lattice_head : bool
         Produce the equivariant ``(B, 3, 3)`` lattice output.
+    polar_lattice_head : bool
+        Lattice output ``M L + M2 U(L)`` with ``U`` the polar factor
+        (:class:`~crystalfit.nn.heads.LatticeHead`); False is DiffCSP's ``M L``.
 
     Examples
     --------
@@ -376,7 +379,7 @@ class PeriodicEquivariantNetwork(nn.Module):
     def __init__(self, num_species: int = 100, hidden_scalars: int = 64, hidden_vectors: int = 16,
                  n_layers: int = 3, n_freqs: int = 16, n_radial: int = 16, r_max: float = 8.0, lmax: int = 2,
                  time_dim: int = 64, cond_dim: int = 0, n_atom_scalars: int = 3, n_crystal_scalars: int = 0,
-                 lattice_head: bool = True):
+                 lattice_head: bool = True, polar_lattice_head: bool = False):
         super().__init__()
         ints = dict(num_species=num_species, hidden_scalars=hidden_scalars, hidden_vectors=hidden_vectors,
                     n_layers=n_layers, lmax=lmax, n_radial=n_radial)
@@ -412,7 +415,8 @@ class PeriodicEquivariantNetwork(nn.Module):
         self.vector_head = o3.Linear(irreps, o3.Irreps("1x1o"))
         self.atom_head = ScalarMLP(hs, hs, self.n_atom_scalars)
         self.crystal_head = ScalarMLP(hs, hs, self.n_crystal_scalars)
-        self.lattice_out = LatticeHead(hs) if self.lattice_head else None
+        self.polar_lattice_head = bool(polar_lattice_head)
+        self.lattice_out = LatticeHead(hs, polar=self.polar_lattice_head) if self.lattice_head else None
         self.sh_eps = 1e-6
 
     @property

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..geometry import polar_factor
+
 __all__ = [
     "cartesian_to_fractional_gradient",
     "segment_mean",
@@ -92,7 +94,7 @@ class ScalarMLP(nn.Module):
 
 
 class LatticeHead(nn.Module):
-    """O(3)-equivariant lattice output ``M @ L`` (DiffCSP).
+    """O(3)-equivariant lattice output ``M @ L`` (DiffCSP), optionally ``+ M2 @ U(L)``.
 
     ``M`` (B, 3, 3) is an invariant function of pooled scalar features, so
     ``L -> L R`` maps the output to ``M L R``, i.e. it rotates like the
@@ -100,17 +102,31 @@ class LatticeHead(nn.Module):
     this way (``F(L) L^{-1}`` is invariant), so no separate symmetric term is
     needed for expressiveness.
 
+    With ``polar=True`` a second term ``M2 @ U`` is added, ``U`` the orthogonal polar
+    factor of ``L`` (:func:`crystalfit.geometry.polar_factor`), which rotates like
+    ``L`` too.  Expressiveness is the same, but a clean lattice ``L_0 = a U`` in the
+    frame of a noisy ``L_t`` -- and so the DDPM noise
+    ``(L_t - sqrt(abar) L_0) / sqrt(1 - abar)`` of a dataset of cubic cells -- needs
+    only ``M, M2`` proportional to the identity, instead of ``M`` computing
+    ``(L_t L_t^T)^{-1/2}`` from invariants.
+
     Parameters
     ----------
     n_in : int
         Size of the pooled invariant features.
+    polar : bool
+        Add the ``M2 @ U(L)`` term.
     """
 
-    def __init__(self, n_in: int):
+    def __init__(self, n_in: int, polar: bool = False):
         super().__init__()
-        self.linear = nn.Linear(n_in, 9, bias=False)
+        self.polar = bool(polar)
+        self.linear = nn.Linear(n_in, 18 if self.polar else 9, bias=False)
 
     def forward(self, pooled: Tensor, lattice: Tensor) -> Tensor:
         """``pooled`` (B, n_in), ``lattice`` (B, 3, 3) -> (B, 3, 3), units of ``L``."""
-        m = self.linear(pooled).reshape(-1, 3, 3)
-        return m @ lattice
+        m = self.linear(pooled).reshape(-1, 2 if self.polar else 1, 3, 3)
+        out = m[:, 0] @ lattice
+        if self.polar:
+            out = out + m[:, 1] @ polar_factor(lattice)
+        return out
