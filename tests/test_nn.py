@@ -293,3 +293,51 @@ def test_runs_on_cuda():
     assert all(v.device.type == "cuda" for v in out.values())
     cpu = _net(torch.float32)(batch.to(device="cpu"), t=torch.tensor([1, 2]))
     torch.testing.assert_close(out["lattice"].cpu(), cpu["lattice"], atol=1e-4, rtol=1e-4)
+
+
+def test_polar_factor_matches_svd_and_is_smooth_at_cubic_cells():
+    from crystalfit.geometry import polar_factor
+
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(200, 3, 3, generator=g, dtype=torch.float64)
+    W, _, Vh = torch.linalg.svd(L)
+    U = polar_factor(L)
+    torch.testing.assert_close(U, W @ Vh, atol=1e-10, rtol=0)
+    torch.testing.assert_close(U @ U.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(200, 3, 3),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.det(U), torch.sign(torch.det(L)))
+    R = random_orthogonal(1, torch.Generator().manual_seed(1))[0]
+    torch.testing.assert_close(polar_factor(L @ R), U @ R, atol=1e-10, rtol=0)
+    # finite differences at a cubic cell (repeated singular values: SVD backward is undefined there)
+    cubic = (4.2 * torch.eye(3, dtype=torch.float64)).requires_grad_(True)
+    w = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((polar_factor(cubic) * w).sum(), cubic)
+    assert torch.all(torch.isfinite(grad))
+    E = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    h = 1e-6
+    fd = ((polar_factor(cubic.detach() + h * E) - polar_factor(cubic.detach() - h * E)) * w).sum() / (2 * h)
+    assert abs(float((grad * E).sum() - fd)) < 1e-7
+    # analytic: dU = (dL - dL^T) / (2a) at L = a I
+    torch.testing.assert_close(grad, (w - w.T) / (2 * 4.2), atol=1e-10, rtol=0)
+    with pytest.raises(ShapeError, match=r"\(\.\.\., 3, 3\)"):
+        polar_factor(torch.zeros(3, 2))
+
+
+def test_polar_lattice_head_is_equivariant_and_represents_a_cubic_target():
+    from crystalfit.geometry import polar_factor
+    from crystalfit.nn import LatticeHead
+
+    head = LatticeHead(4, polar=True).double()
+    g = torch.Generator().manual_seed(2)
+    pooled = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    L = torch.randn(5, 3, 3, generator=g, dtype=torch.float64)
+    R = random_orthogonal(1, torch.Generator().manual_seed(3))[0]
+    torch.testing.assert_close(head(pooled, L @ R), head(pooled, L) @ R, atol=1e-10, rtol=0)
+    # M = c1 I, M2 = c2 I gives c1 L + c2 U exactly: the noise of a cubic dataset in the frame of L_t
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.weight[[0, 4, 8], 0] = 2.0
+        head.linear.weight[[9, 13, 17], 0] = -3.0
+    one = torch.zeros(5, 4, dtype=torch.float64)
+    one[:, 0] = 1.0
+    torch.testing.assert_close(head(one, L), 2.0 * L - 3.0 * polar_factor(L))
