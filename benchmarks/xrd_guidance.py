@@ -348,8 +348,8 @@ def main() -> None:
                    help="table1/table2: train with learn_lattice=False and sample on the true cubic cell")
     p.add_argument("--paper-intensity", action="store_true",
                    help="guidance on the paper's Eq. 40 |E F|^2 instead of E|F|^2")
-    p.add_argument("--no-self-condition", dest="self_condition", action="store_false",
-                   help="DiffCSP's network input (L_t, X_t, A) instead of the lattice self-conditioning default")
+    p.add_argument("--self-condition", action="store_true",
+                   help="lattice self-conditioning (geometry from the previous call's L0 estimate)")
     p.add_argument("--no-polar-lattice", dest="polar_lattice", action="store_false",
                    help="DiffCSP's lattice head M L_t instead of M L_t + M2 U(L_t)")
     p.add_argument("--step-lr", type=float, default=1e-5)

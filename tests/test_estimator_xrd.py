@@ -169,7 +169,7 @@ def test_self_condition_sampling_passes_tweedie_hint(data, monkeypatch):
     estimate of the previous call; with a given lattice every call gets that lattice."""
     from crystalfit.estimators.xrd_diffusion import CSPDenoiser
 
-    model = _model(n_steps=3).fit(data)
+    model = _model(n_steps=3, self_condition=True).fit(data)
     assert model.self_conditioned_
     seen, original = [], CSPDenoiser.forward
 
@@ -194,7 +194,7 @@ def test_self_condition_sampling_passes_tweedie_hint(data, monkeypatch):
 def test_self_condition_save_load_and_old_models(data, tmp_path):
     import json
 
-    model = _model().fit(data)
+    model = _model(self_condition=True).fit(data)
     model.save(tmp_path / "m")
     again = XRDGuidedDiffusion.load(tmp_path / "m")
     assert again.self_conditioned_ is True
@@ -202,7 +202,7 @@ def test_self_condition_save_load_and_old_models(data, tmp_path):
     b = again.sample("CoN2OTl", n_samples=2, random_state=3)
     np.testing.assert_allclose(a[0].get_scaled_positions(), b[0].get_scaled_positions(), atol=1e-6)
     # a model saved before self-conditioning existed loads as DiffCSP's plain input
-    plain = _model(self_condition=False).fit(data)
+    plain = _model().fit(data)
     assert plain.self_conditioned_ is False
     plain.save(tmp_path / "old")
     state_file = next(p for p in (tmp_path / "old").iterdir() if p.name.startswith("fitted"))

@@ -126,7 +126,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         Learn the lattice too.  With False only coordinates are learned and
         :meth:`sample` needs ``lattice=`` (paper Appendix D).
     self_condition : bool
-        With ``learn_lattice=True``: the network builds the atoms' geometry from the
+        Off by default.  With ``learn_lattice=True``: the network builds the atoms' geometry from the
         Tweedie estimate of the clean lattice made by the previous network call instead
         of the noisy lattice ``L_t`` (see :class:`CSPDenoiser`).  Training takes a second,
         gradient-free forward pass on half the batches (about 1.2x the time); sampling
@@ -187,7 +187,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         zero_variance: bool = True,
         expected_intensity: bool = True,
         learn_lattice: bool = True,
-        self_condition: bool = True,
+        self_condition: bool = False,
         polar_lattice: bool = True,
         timesteps: int = 1000,
         sigma_begin: float = 0.005,
