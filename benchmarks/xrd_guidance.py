@@ -114,26 +114,45 @@ def _suffix(args) -> str:
     return "_fixed_lattice" if args.fixed_lattice else ""
 
 
-def table1(args) -> None:
-    names = ["crystal-1", "crystal-2"]
-    train = make_perovskite_arrangements(names, args.n_train, random_state=args.seed)
+TOL_TABLE1 = dict(stol=0.05, angle_tol=10, ltol=0.3)
+CRYSTALS_12 = ("crystal-1", "crystal-2")
+
+
+def _crystal12_model(args):
+    """Training set, fitted (or loaded) model, targets and lattice argument of the Crystal-1/2 experiments."""
+    train = make_perovskite_arrangements(list(CRYSTALS_12), args.n_train, random_state=args.seed)
     model, t_fit = fit_model(train, args, learn_lattice=not args.fixed_lattice)
-    tol = dict(stol=0.05, angle_tol=10, ltol=0.3)
-    targets = {n: make_perovskite(n) for n in names}
+    targets = {n: make_perovskite(n) for n in CRYSTALS_12}
     lat = dict(lattice=targets["crystal-1"].cell[:]) if args.fixed_lattice else {}
+    return train, model, t_fit, targets, lat
+
+
+def _crystal12_rates(model, targets, lat, args, guided: bool) -> tuple[dict, float]:
+    """Match rate per target crystal (guided by its intensities or not) and seconds per structure."""
+    n, rates, secs = args.n_samples, {}, []
+    if not guided:
+        out = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 1, **lat)
+        rates = {name: float(match_rate(out, [targets[name]] * n, **TOL_TABLE1)) for name in CRYSTALS_12}
+        return rates, model.last_sample_stats_["seconds_per_structure"]
+    for k, name in enumerate(CRYSTALS_12):
+        I = single_crystal_intensities(targets[name])
+        out = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=args.seed + 2 + k, **lat)
+        secs.append(model.last_sample_stats_["seconds_per_structure"])
+        rates[name] = float(match_rate(out, [targets[name]] * n, **TOL_TABLE1))
+    return rates, float(np.mean(secs))
+
+
+def table1(args) -> None:
+    names = list(CRYSTALS_12)
+    train, model, t_fit, targets, lat = _crystal12_model(args)
     n = args.n_samples
-    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 1, **lat)
-    t_ung = model.last_sample_stats_["seconds_per_structure"]
-    res = {"unguided": {name: float(match_rate(unguided, [targets[name]] * n, **tol)) for name in names}}
+    rates, t_ung = _crystal12_rates(model, targets, lat, args, guided=False)
+    res = {"unguided": rates}
     t_g = []
     for r in args.score_ratio:
         model.set_params(score_ratio=r)
-        res[f"guided 1:{r:g}"] = {}
-        for k, name in enumerate(names):
-            I = single_crystal_intensities(targets[name])
-            guided = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=args.seed + 2 + k, **lat)
-            t_g.append(model.last_sample_stats_["seconds_per_structure"])
-            res[f"guided 1:{r:g}"][name] = float(match_rate(guided, [targets[name]] * n, **tol))
+        res[f"guided 1:{r:g}"], t = _crystal12_rates(model, targets, lat, args, guided=True)
+        t_g.append(t)
     paper = {"guided 1:4": {"crystal-1": 0.956, "crystal-2": 0.955}, "unguided": {"crystal-1": 0.157, "crystal-2": 0.075}}
     md = rate_table("target", names, res, paper)
     md.append("")
@@ -186,32 +205,19 @@ def ablation(args) -> None:
     Every variant changes one setting of the reference (E|F|^2 guidance, zero variance,
     corrector step_lr, the first ``--score-ratio``) and samples ``--n-samples`` structures
     per target crystal with the same seeds."""
-    names = ["crystal-1", "crystal-2"]
-    train = make_perovskite_arrangements(names, args.n_train, random_state=args.seed)
-    model, t_fit = fit_model(train, args, learn_lattice=not args.fixed_lattice)
-    tol = dict(stol=0.05, angle_tol=10, ltol=0.3)
-    targets = {n: make_perovskite(n) for n in names}
-    lat = dict(lattice=targets["crystal-1"].cell[:]) if args.fixed_lattice else {}
+    train, model, t_fit, targets, lat = _crystal12_model(args)
     n, r0 = args.n_samples, args.score_ratio[0]
     reference = dict(score_ratio=r0, expected_intensity=True, zero_variance=True, step_lr=args.step_lr,
                      n_steps=args.steps)
-    variants = [("reference", {}), ("Eq. 40 intensity |E F|^2", dict(expected_intensity=False)),
+    variants = [("reference", {}), ("Eq. 40 intensity, paper (expected_intensity=False)", dict(expected_intensity=False)),
                 ("stochastic sampler", dict(zero_variance=False)), ("no corrector (step_lr=0)", dict(step_lr=0.0))]
     variants += [(f"score ratio 1:{r:g}", dict(score_ratio=r)) for r in args.score_ratio[1:]]
     res, secs = {}, {}
     model.set_params(**reference)
-    unguided = model.sample("CoN2OTl", n_samples=n, random_state=args.seed + 1, **lat)
-    res["unguided"] = {name: float(match_rate(unguided, [targets[name]] * n, **tol)) for name in names}
-    secs["unguided"] = model.last_sample_stats_["seconds_per_structure"]
+    res["unguided"], secs["unguided"] = _crystal12_rates(model, targets, lat, args, guided=False)
     for label, change in variants:
         model.set_params(**{**reference, **change})
-        res[label], t = {}, []
-        for k, name in enumerate(names):
-            I = single_crystal_intensities(targets[name])
-            out = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=args.seed + 2 + k, **lat)
-            t.append(model.last_sample_stats_["seconds_per_structure"])
-            res[label][name] = float(match_rate(out, [targets[name]] * n, **tol))
-        secs[label] = float(np.mean(t))
+        res[label], secs[label] = _crystal12_rates(model, targets, lat, args, guided=True)
         print(label, res[label], flush=True)
     md = ["| variant | Crystal-1 | Crystal-2 | s/structure |", "|---|---|---|---|"]
     md += [f"| {k} | {pct(v['crystal-1'])} | {pct(v['crystal-2'])} | {secs[k]:.3f} |" for k, v in res.items()]
