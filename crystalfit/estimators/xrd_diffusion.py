@@ -115,8 +115,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
     zero_variance : bool
         Deterministic reverse process given the initial state (the paper's setting,
         Appendix B; default).  False adds the reverse-SDE noise (DiffCSP's sampler).
-        On Crystal-1/2 the guided match rate drops from 0.93/0.85 to 0.58/0.60 with noise
-        (docs/xrd_guided_diffusion.md).
+        On Crystal-1/2 (fixed lattice, 1:4) the guided match rate drops from 70%/82% to
+        67%/63% with noise (benchmarks/results/xrd_ablation_fixed_lattice.md).
     expected_intensity : bool
         Guidance compares the posterior expectation ``E|F|^2`` with the measured
         intensities (default).  False uses the paper's Eq. (40), ``|E F|^2``, which
