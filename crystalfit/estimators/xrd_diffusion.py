@@ -294,7 +294,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         else:
             lat_t = batch.lattice
         hint = None
-        if self.learned_lattice_ and self.self_conditioned_:
+        if self.self_conditioned_:  # implies a learned lattice
             if hinted is None:
                 hinted = bool(torch.rand((), generator=gen, device=dev) < 0.5)
             if hinted:

@@ -113,8 +113,6 @@ def cart_to_frac(cart: Tensor, lattice: Tensor, batch: Tensor | None = None) -> 
     return torch.einsum("ni,nij->nj", cart, inv[batch])
 
 
-
-
 def polar_factor(lattice: Tensor, n_iter: int = 12) -> Tensor:
     r"""Orthogonal factor ``U`` of the polar decomposition ``L = P U`` (``P = (L L^T)^{1/2}``).
 
