@@ -301,6 +301,7 @@ def speed(args) -> None:
     from crystalfit.estimators.xrd_diffusion import CSPDenoiser
     from crystalfit.io import structures_to_batch
 
+    est = XRDGuidedDiffusion()  # time the default estimator's denoiser (joint lattice)
     rows = []
     for n_atoms, cells in ((5, make_perovskite_arrangements("crystal-1", 100, random_state=0)),
                            (20, None)):
@@ -309,7 +310,8 @@ def speed(args) -> None:
             for i, c in enumerate(cells):
                 c.rattle(0.05, seed=i)
         b = structures_to_batch(cells).to(dtype=torch.float32)
-        net = CSPDenoiser(**XRDGuidedDiffusion._network_defaults).eval()
+        net = CSPDenoiser(self_condition=est.self_condition, polar_lattice=est.polar_lattice,
+                          **est.network_settings()).eval()
         t = torch.randint(1, 1000, (b.num_crystals,))
         with torch.no_grad():
             for _ in range(2):
@@ -322,7 +324,7 @@ def speed(args) -> None:
         rows.append(dict(atoms_per_cell=int(b.num_atoms[0]), batch=b.num_crystals, ms_per_call=1e3 * per_call,
                          n_parameters=sum(p.numel() for p in net.parameters())))
     paper = {5: 307.0, 20: 6900.0}
-    steps = XRDGuidedDiffusion().n_steps
+    steps = est.n_steps
     md = ["| atoms/cell | batch | ours ms/call | DiffCSP 512x6 ms/call (this machine) | ratio | "
           f"ours s/structure ({steps} steps, 2 calls/step) | paper settings s/structure (2,000 calls) | ratio |",
           "|---|---|---|---|---|---|---|---|"]
