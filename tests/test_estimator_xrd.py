@@ -62,6 +62,36 @@ def test_guidance_changes_result(fitted):
     assert not np.allclose(a[0].get_scaled_positions(), b[0].get_scaled_positions())
 
 
+def test_n_candidates_keeps_best_r_factor(fitted):
+    """n_candidates=k draws the same crystals as n_samples*k and keeps each group's smallest R-factor."""
+    from crystalfit.metrics import r_factor
+
+    I = single_crystal_intensities(make_perovskite("crystal-2"))
+    kept = fitted.sample("CoN2OTl", n_samples=2, intensities=I, n_candidates=3, random_state=4)
+    assert fitted.last_sample_stats_["n_structures"] == 6 and fitted.last_sample_stats_["n_returned"] == 2
+    pool = fitted.sample("CoN2OTl", n_samples=6, intensities=I, random_state=4)
+    r_pool = np.array([r_factor(single_crystal_intensities(a), I, fit_scale=True) for a in pool])
+    assert np.allclose([a.info["r_factor"] for a in pool], r_pool, rtol=1e-6, atol=1e-9)
+    assert [a.info["sample"] for a in kept] == [0, 1]
+    for j, a in enumerate(kept):
+        best = pool[3 * j + int(np.argmin(r_pool[3 * j:3 * j + 3]))]
+        assert np.allclose(a.get_scaled_positions(), best.get_scaled_positions())
+        assert np.allclose(a.cell[:], best.cell[:])
+        assert a.info["n_candidates"] == 3 and a.info["r_factor"] == pytest.approx(r_pool[3 * j:3 * j + 3].min())
+    assert "r_factor" not in fitted.sample("CoN2OTl")[0].info
+
+
+def test_n_candidates_errors(fitted):
+    I = single_crystal_intensities(make_perovskite("crystal-2"))
+    for bad in (0, 2.5, True):
+        with pytest.raises(CrystalfitError, match="n_candidates must be a positive integer"):
+            fitted.sample("CoN2OTl", intensities=I, n_candidates=bad)
+    with pytest.raises(CrystalfitError, match="n_candidates=2 ranks candidates.*pass intensities="):
+        fitted.sample("CoN2OTl", n_candidates=2)
+    with pytest.raises(CrystalfitError, match="intensities row 1 is all zeros"):
+        fitted.sample(["CoN2OTl", "CoN2OTl"], intensities=np.stack([I, 0 * I]))
+
+
 def test_fixed_lattice(fitted):
     L = np.diag([4.24596] * 3)
     out = fitted.sample("CoN2OTl", n_samples=2, lattice=L)

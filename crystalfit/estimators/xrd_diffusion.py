@@ -440,6 +440,12 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 f"intensities[{r}, {c}] is {arr[r, c]:.4g} < 0; intensities |F|^2 must be >= 0; "
                 "clip background-subtracted negatives to 0"
             )
+        zero = np.flatnonzero(~(arr > 0).any(axis=1))
+        if len(zero):
+            raise CrystalfitError(
+                f"intensities row {zero[0]} is all zeros; every crystal scatters (I(000) = (sum of form factors)^2 "
+                "> 0), so pass the measured intensities for that composition"
+            )
         return arr
 
     def _check_lattice(self, lattice, n_entries: int) -> np.ndarray:
@@ -463,6 +469,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         intensities=None,
         lattice=None,
         random_state=None,
+        n_candidates: int = 1,
     ) -> list:
         """Generate structures for one or more compositions.
 
@@ -480,16 +487,34 @@ class XRDGuidedDiffusion(CrystalEstimator):
             Fix the lattice (rows in Angstrom) and generate only coordinates.
         random_state : int, optional
             Overrides the estimator's ``random_state`` for this call.
+        n_candidates : int
+            With ``intensities``: draw this many guided candidates for every
+            returned structure and keep the one whose single-crystal intensities
+            agree best with the target (smallest R-factor
+            ``sum (s I_calc - I_obs)^2 / sum I_obs^2`` with the least-squares
+            scale ``s``; :func:`crystalfit.metrics.r_factor`).  This is the
+            crystallographer's "generate, then rank against the data" step; it costs
+            ``n_candidates`` times the sampling time.  The paper's protocol is
+            ``n_candidates=1`` (the default).
 
         Returns
         -------
         list of ase.Atoms
             Periodic, wrapped, with ``info`` keys ``source``, ``composition``,
-            ``entry``, ``sample``, ``guided``.
+            ``entry``, ``sample``, ``guided``; guided structures also carry
+            ``r_factor`` (agreement with their target intensities, as above) and
+            ``n_candidates``.
         """
         self._check_fitted()
         if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
             raise CrystalfitError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if not isinstance(n_candidates, (int, np.integer)) or isinstance(n_candidates, bool) or n_candidates < 1:
+            raise CrystalfitError(f"n_candidates must be a positive integer, got {n_candidates!r}")
+        if n_candidates > 1 and intensities is None:
+            raise CrystalfitError(
+                f"n_candidates={n_candidates} ranks candidates by their agreement with target intensities; "
+                "pass intensities= or use n_candidates=1"
+            )
         entries = self._composition_numbers(composition)
         n_entries = len(entries)
         from ..xrd import miller_indices
@@ -505,8 +530,9 @@ class XRDGuidedDiffusion(CrystalEstimator):
         device = next(self.module_.parameters()).device
         seed = seed_from_random_state(self.random_state if random_state is None else random_state, offset=1)
         gen = make_generator(seed, device)
-        numbers_list = [nums for nums in entries for _ in range(n_samples)]
-        entry_of = np.repeat(np.arange(n_entries), n_samples)
+        per_entry = n_samples * n_candidates  # candidates of one returned structure are consecutive
+        numbers_list = [nums for nums in entries for _ in range(per_entry)]
+        entry_of = np.repeat(np.arange(n_entries), per_entry)
         B = len(numbers_list)
         counts = torch.tensor([len(n) for n in numbers_list], device=device)
         batch_idx = CrystalBatch.batch_index(counts)
@@ -562,34 +588,51 @@ class XRDGuidedDiffusion(CrystalEstimator):
             progress=bool(self.verbose),
             lattice_clip=LATTICE_CLIP_FACTOR * self.lattice_norm_max_,
         )
+        lat = result.lattice.detach().double()
+        frac = result.frac.detach().double()
+        if not torch.all(torch.isfinite(lat)) or not torch.all(torch.isfinite(frac)):
+            raise CrystalfitError("sampling produced non-finite values; lower step_lr or score_ratio")
+        keep = np.arange(B)
+        r_factors = None
+        if target is not None:
+            from ..metrics import r_factor
+            from ..xrd import structure_factor_intensities
+
+            i_calc = structure_factor_intensities(frac, numbers, lat, batch_idx, torch.as_tensor(hkl, device=device),
+                                                  validate=False)
+            r_factors = np.atleast_1d(r_factor(i_calc.cpu().numpy(), target[entry_of], fit_scale=True))
+            keep = (np.argmin(r_factors.reshape(-1, n_candidates), axis=1)
+                    + n_candidates * np.arange(B // n_candidates))
         elapsed = time.perf_counter() - start
         self.last_sample_stats_ = dict(
             seconds=elapsed,
-            seconds_per_structure=elapsed / B,
+            seconds_per_structure=elapsed / len(keep),
             n_model_calls=int(result.n_model_calls),
             n_structures=B,
+            n_returned=len(keep),
             guided=guidance is not None,
         )
-        lat = result.lattice.detach().double()
-        if not torch.all(torch.isfinite(lat)) or not torch.all(torch.isfinite(result.frac)):
-            raise CrystalfitError("sampling produced non-finite values; lower step_lr or score_ratio")
         out_batch = CrystalBatch(
-            lattice=lat, frac=result.frac.detach().double(), numbers=numbers, num_atoms=counts, batch=batch_idx,
-            ids=[f"xrdgd-{entry_of[i]}-{i % n_samples}" for i in range(B)], info=[{} for _ in range(B)],
+            lattice=lat, frac=frac, numbers=numbers, num_atoms=counts, batch=batch_idx,
+            ids=[f"xrdgd-{entry_of[i]}-{(i // n_candidates) % n_samples}" for i in range(B)],
+            info=[{} for _ in range(B)],
         )
         from ase.data import chemical_symbols
 
-        extra = [
-            dict(
+        extra = []
+        for i in range(B):
+            info = dict(
                 source="XRDGuidedDiffusion",
                 composition="".join(chemical_symbols[z] for z in numbers_list[i]),
                 entry=int(entry_of[i]),
-                sample=int(i % n_samples),
+                sample=int((i // n_candidates) % n_samples),
                 guided=guidance is not None,
             )
-            for i in range(B)
-        ]
-        return batch_to_atoms(out_batch, extra)
+            if r_factors is not None:
+                info.update(r_factor=float(r_factors[i]), n_candidates=int(n_candidates))
+            extra.append(info)
+        structures = batch_to_atoms(out_batch, extra)
+        return [structures[i] for i in keep]
 
     # --------------------------------------------------------- learned score
     def predict_score(self, structures, noise_level: float = 0.01) -> list:
