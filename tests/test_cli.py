@@ -1,0 +1,33 @@
+"""The ``crystalfit demo`` command end to end, at tiny settings."""
+import json
+
+import ase.io
+import pytest
+
+from crystalfit.cli import main
+
+
+def test_demo_writes_results_structures_and_png(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--n-train", "32", "--epochs", "1", "--steps", "3", "--n-samples", "2", "--threads", "1",
+               "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Table 1" in printed and "crystal-2" in printed
+    res = json.loads((out / "results.json").read_text())
+    for key in ("guided", "unguided"):
+        assert set(res[key]) == {"crystal-1", "crystal-2"}
+        assert all(0.0 <= v <= 1.0 for v in res[key].values())
+    assert res["settings"]["n_train"] == 32 and res["settings"]["n_samples"] == 2
+    for name in ("crystal-1", "crystal-2"):
+        frames = ase.io.read(out / f"guided_{name}.extxyz", index=":")
+        assert len(frames) == 2 and sorted(frames[0].get_chemical_symbols()) == ["Co", "N", "N", "O", "Tl"]
+        assert (out / f"guided_{name}_0.cif").stat().st_size > 0
+    assert len(ase.io.read(out / "unguided.extxyz", index=":")) == 2
+    assert (out / "intensities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_rejects_unknown_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--no-such-option"])
+    assert "unrecognized arguments" in capsys.readouterr().err
