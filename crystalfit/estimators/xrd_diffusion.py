@@ -485,6 +485,11 @@ class XRDGuidedDiffusion(CrystalEstimator):
             Without them this is the unguided DiffCSP baseline.
         lattice : array (3, 3) or (n_entries, 3, 3) or Atoms, optional
             Fix the lattice (rows in Angstrom) and generate only coordinates.
+            Single-crystal intensities are indexed by h, k, l in the basis of the
+            cell they were measured in, so pass that cell when it is known (it is,
+            once the reflections are indexed): a generated cell in another basis
+            makes the per-reflection comparison meaningless (Carbon-24 benchmark in
+            docs/xrd_guided_diffusion.md).
         random_state : int, optional
             Overrides the estimator's ``random_state`` for this call.
         n_candidates : int
