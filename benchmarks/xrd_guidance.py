@@ -352,7 +352,7 @@ def csp(args) -> None:
         res[f"guided, best of {K}"] = float(match_rate(ranked, test))
     paper = {"perov_5": {"unguided": 0.4824, "guided": 0.6156}, "carbon_24": {"unguided": 0.0847, "guided": 0.5005}}[name]
     cols = list(res)
-    md = ["| | " + " | ".join(c.replace("unguided", "unguided (DiffCSP)", 1) if c == "unguided" else c for c in cols)
+    md = ["| | " + " | ".join("unguided (DiffCSP)" if c == "unguided" else c for c in cols)
           + " |", "|---|" + "---|" * len(cols),
           "| ours | " + " | ".join(pct(res[c]) for c in cols) + " |",
           "| paper Table 3 | " + " | ".join(pct(paper[c]) if c in paper else "-" for c in cols) + " |", "",

@@ -625,7 +625,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         from ase.data import chemical_symbols
 
         extra = []
-        for i in range(B):
+        for i in keep:
             info = dict(
                 source="XRDGuidedDiffusion",
                 composition="".join(chemical_symbols[z] for z in numbers_list[i]),
@@ -636,8 +636,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
             if r_factors is not None:
                 info.update(r_factor=float(r_factors[i]), n_candidates=int(n_candidates))
             extra.append(info)
-        structures = batch_to_atoms(out_batch, extra)
-        return [structures[i] for i in keep]
+        return batch_to_atoms(out_batch.select(keep), extra)
 
     # --------------------------------------------------------- learned score
     def predict_score(self, structures, noise_level: float = 0.01) -> list:
