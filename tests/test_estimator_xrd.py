@@ -113,12 +113,16 @@ def test_sample_errors(fitted):
     bad[3] = -2.0
     with pytest.raises(CrystalfitError, match=r"intensities\[0, 3\] is -2 < 0"):
         fitted.sample("CoN2OTl", intensities=bad)
-    with pytest.raises(UnknownElementError, match=r"contains Fe, never seen during fit"):
+    with pytest.raises(UnknownElementError, match=r"contains Fe \(Z=26\), never seen during fit"):
         fitted.sample("FeN2OTl")
     with pytest.raises(TooManyAtomsError, match=r"has 6 atoms, more than the 5"):
         fitted.sample("Co2N2OTl")
     with pytest.raises(UnknownElementError, match="unknown element symbol 'Xq'"):
         fitted.sample("XqO")
+    fe = make_perovskite("crystal-1")
+    fe.set_chemical_symbols(["Fe" if x == "Co" else x for x in fe.get_chemical_symbols()])
+    with pytest.raises(UnknownElementError, match=r"structure 1 contains Fe \(Z=26\), never seen during fit"):
+        fitted.score([make_perovskite("crystal-1"), fe])
 
 
 def test_score_and_gridsearch(data):

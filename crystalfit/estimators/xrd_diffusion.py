@@ -383,32 +383,30 @@ class XRDGuidedDiffusion(CrystalEstimator):
         numbers = batch.numbers.tolist()
         unseen = sorted(set(numbers) - seen)
         if unseen:
-            from ase.data import chemical_symbols
-
             crystal = int(batch.batch[numbers.index(unseen[0])])
-            raise UnknownElementError(
-                f"structure {crystal} contains {chemical_symbols[unseen[0]]} (Z={unseen[0]}), an element this model "
-                f"never saw during fit (seen: {[chemical_symbols[z] for z in self.elements_]}); "
-                "refit on data that contains it"
-            )
+            raise self._unseen_error(f"structure {crystal}", unseen, "refit on data that contains it")
+
+    def _unseen_error(self, where: str, unseen: list[int], fix: str) -> UnknownElementError:
+        from ase.data import chemical_symbols
+
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unseen)
+        return UnknownElementError(
+            f"{where} contains {names}, never seen during fit (seen: {[chemical_symbols[z] for z in self.elements_]}); "
+            f"{fix}"
+        )
 
     def _composition_numbers(self, composition) -> list[list[int]]:
         # a list/tuple is a list of entries (formulas, Compositions, Atoms); anything else is one entry
         entries = list(composition) if isinstance(composition, (list, tuple)) else [composition]
         if not entries:
             raise CrystalfitError("composition is an empty list; pass a formula such as 'CoN2OTl' or a list of them")
-        from ase.data import chemical_symbols
-
         out = []
         for i, entry in enumerate(entries):
             numbers = parse_composition(entry, i if len(entries) > 1 else None)
             unseen = sorted(set(numbers) - set(self.elements_))
             if unseen:
-                raise UnknownElementError(
-                    f"composition {i} ({entry!r}) contains {', '.join(chemical_symbols[z] for z in unseen)}, "
-                    f"never seen during fit (seen: {[chemical_symbols[z] for z in self.elements_]}); "
-                    "refit on data that contains it, or change the composition"
-                )
+                raise self._unseen_error(f"composition {i} ({entry!r})", unseen,
+                                         "refit on data that contains it, or change the composition")
             if len(numbers) > self.max_atoms_:
                 raise TooManyAtomsError(
                     f"composition {i} ({entry!r}) has {len(numbers)} atoms, more than the {self.max_atoms_} "
