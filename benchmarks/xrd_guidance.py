@@ -33,7 +33,7 @@ from crystalfit.datasets import (
     make_perovskite_arrangements,
 )
 from crystalfit.exceptions import CrystalfitError
-from crystalfit.metrics import match_rate, r_factor
+from crystalfit.metrics import best_candidates, match_rate, r_factor
 from crystalfit.xrd import single_crystal_intensities
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,17 +117,20 @@ def pct(x: float) -> str:
 
 
 def best_of(pool, intensities, k: int) -> list:
-    """Rank an entry-major pool (``k`` consecutive candidates per row of ``intensities``) by the intensity
-    R-factor with least-squares scale and keep each group's best: what ``sample(n_candidates=k)`` does for
-    guided samples, applied here to unguided ones."""
+    """Rank an entry-major pool (``k`` consecutive candidates per row of ``intensities``) as
+    ``sample(n_candidates=k)`` ranks guided samples (:func:`crystalfit.metrics.best_candidates`: smallest
+    intensity R-factor, least-squares scale, among candidates without atoms closer than 0.5 A), here applied
+    to unguided ones."""
     I = np.repeat(np.atleast_2d(intensities), k, axis=0)
     R = np.full(len(pool), np.inf)
+    dmin = np.full(len(pool), np.nan)
     for i, a in enumerate(pool):
         try:
             R[i] = r_factor(single_crystal_intensities(a), I[i], fit_scale=True)
+            dmin[i] = (a.get_all_distances(mic=True) + 1e9 * np.eye(len(a))).min()
         except CrystalfitError:  # degenerate cell from an undertrained model: ranked last
             pass
-    return [pool[i] for i in np.argmin(R.reshape(-1, k), axis=1) + k * np.arange(len(I) // k)]
+    return [pool[i] for i in best_candidates(R, dmin, k)]
 
 
 def ranked_note(args) -> str:

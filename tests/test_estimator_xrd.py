@@ -62,22 +62,27 @@ def test_guidance_changes_result(fitted):
     assert not np.allclose(a[0].get_scaled_positions(), b[0].get_scaled_positions())
 
 
-def test_n_candidates_keeps_best_r_factor(fitted):
-    """n_candidates=k draws the same crystals as n_samples*k and keeps each group's smallest R-factor."""
+def test_n_candidates_keeps_best_valid_r_factor(fitted):
+    """n_candidates=k draws the same crystals as n_samples*k and keeps, per group, the smallest R-factor
+    among candidates without atoms closer than 0.5 A (checked against numpy R-factors and ASE distances)."""
     from crystalfit.metrics import r_factor
 
     I = single_crystal_intensities(make_perovskite("crystal-2"))
-    kept = fitted.sample("CoN2OTl", n_samples=2, intensities=I, n_candidates=3, random_state=4)
-    assert fitted.last_sample_stats_["n_structures"] == 6 and fitted.last_sample_stats_["n_returned"] == 2
-    pool = fitted.sample("CoN2OTl", n_samples=6, intensities=I, random_state=4)
+    kept = fitted.sample("CoN2OTl", n_samples=4, intensities=I, n_candidates=3, random_state=4)
+    assert fitted.last_sample_stats_["n_structures"] == 12 and fitted.last_sample_stats_["n_returned"] == 4
+    pool = fitted.sample("CoN2OTl", n_samples=12, intensities=I, random_state=4)
     r_pool = np.array([r_factor(single_crystal_intensities(a), I, fit_scale=True) for a in pool])
+    d_pool = np.array([(a.get_all_distances(mic=True) + 1e9 * np.eye(len(a))).min() for a in pool])
     assert np.allclose([a.info["r_factor"] for a in pool], r_pool, rtol=1e-6, atol=1e-9)
-    assert [a.info["sample"] for a in kept] == [0, 1]
+    assert np.allclose([a.info["min_distance"] for a in pool], d_pool, rtol=1e-5)
+    assert [a.info["sample"] for a in kept] == [0, 1, 2, 3]
     for j, a in enumerate(kept):
-        best = pool[3 * j + int(np.argmin(r_pool[3 * j:3 * j + 3]))]
+        group = range(3 * j, 3 * j + 3)
+        valid = [i for i in group if d_pool[i] >= 0.5] or list(group)
+        best = pool[min(valid, key=lambda i: r_pool[i])]
         assert np.allclose(a.get_scaled_positions(), best.get_scaled_positions())
         assert np.allclose(a.cell[:], best.cell[:])
-        assert a.info["n_candidates"] == 3 and a.info["r_factor"] == pytest.approx(r_pool[3 * j:3 * j + 3].min())
+        assert a.info["n_candidates"] == 3 and a.info["r_factor"] == pytest.approx(r_pool[valid].min())
     assert "r_factor" not in fitted.sample("CoN2OTl")[0].info
 
 

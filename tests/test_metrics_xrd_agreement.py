@@ -57,3 +57,18 @@ def test_powder_similarity_of_identical_translated_and_different_crystals():
     assert grid[np.argmax(p)] == pytest.approx(bragg, abs=0.02)
     assert pattern_similarity(p, p) == pytest.approx(1.0)
     assert pattern_similarity(p, np.zeros_like(p)) == 0.0
+
+
+def test_best_candidates_prefers_valid_then_smallest_r():
+    from crystalfit.metrics import best_candidates
+
+    r = [0.10, 0.01, 0.05, 0.20, 0.30, 0.02, np.nan, 0.4, 0.5]
+    d = [2.00, 0.30, 1.00, 0.10, 0.20, 0.49, 1.0, np.nan, 0.6]
+    # group 0: the overlap (0.3 A) loses to valid ones, best valid R is 0.05 -> index 2
+    # group 1: none valid (0.1, 0.2, 0.49 A) -> smallest R -> index 5
+    # group 2: NaN R ranks last, NaN distance counts as invalid -> index 8
+    assert best_candidates(r, d, 3).tolist() == [2, 5, 8]
+    assert best_candidates(r, d, 3, min_distance=0.0).tolist() == [1, 5, 8]
+    assert best_candidates([0.3, 0.1], [1.0, 1.0], 1).tolist() == [0, 1]
+    with pytest.raises(ShapeError, match="multiple of n_candidates=2"):
+        best_candidates([0.1, 0.2, 0.3], [1.0, 1.0, 1.0], 2)

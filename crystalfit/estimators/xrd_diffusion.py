@@ -495,7 +495,9 @@ class XRDGuidedDiffusion(CrystalEstimator):
             returned structure and keep the one whose single-crystal intensities
             agree best with the target (smallest R-factor
             ``sum (s I_calc - I_obs)^2 / sum I_obs^2`` with the least-squares
-            scale ``s``; :func:`crystalfit.metrics.r_factor`).  This is the
+            scale ``s``; :func:`crystalfit.metrics.r_factor`) among the
+            candidates with no two atoms closer than 0.5 Angstrom (all of them if
+            none is; :func:`crystalfit.metrics.best_candidates`).  This is the
             crystallographer's "generate, then rank against the data" step; it costs
             ``n_candidates`` times the sampling time.  The paper's protocol is
             ``n_candidates=1`` (the default).
@@ -505,7 +507,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         list of ase.Atoms
             Periodic, wrapped, with ``info`` keys ``source``, ``composition``,
             ``entry``, ``sample``, ``guided``; guided structures also carry
-            ``r_factor`` (agreement with their target intensities, as above) and
+            ``r_factor`` (agreement with their target intensities, as above),
+            ``min_distance`` (shortest distance between two atoms, Angstrom) and
             ``n_candidates``.
         """
         self._check_fitted()
@@ -598,14 +601,15 @@ class XRDGuidedDiffusion(CrystalEstimator):
         keep = np.arange(B)
         r_factors = None
         if target is not None:
-            from ..metrics import r_factor
+            from ..geometry import min_pair_distance
+            from ..metrics import best_candidates, r_factor
             from ..xrd import structure_factor_intensities
 
             i_calc = structure_factor_intensities(frac, numbers, lat, batch_idx, torch.as_tensor(hkl, device=device),
                                                   validate=False)
             r_factors = np.atleast_1d(r_factor(i_calc.cpu().numpy(), target[entry_of], fit_scale=True))
-            keep = (np.argmin(r_factors.reshape(-1, n_candidates), axis=1)
-                    + n_candidates * np.arange(B // n_candidates))
+            min_dist = min_pair_distance(frac, lat, batch_idx, B).cpu().numpy()
+            keep = best_candidates(r_factors, min_dist, n_candidates)
         elapsed = time.perf_counter() - start
         self.last_sample_stats_ = dict(
             seconds=elapsed,
@@ -632,7 +636,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 guided=guidance is not None,
             )
             if r_factors is not None:
-                info.update(r_factor=float(r_factors[i]), n_candidates=int(n_candidates))
+                info.update(r_factor=float(r_factors[i]), min_distance=float(min_dist[i]),
+                            n_candidates=int(n_candidates))
             extra.append(info)
         return batch_to_atoms(out_batch.select(keep), extra)
 

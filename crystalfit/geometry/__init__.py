@@ -9,9 +9,11 @@ from .lattice import (
     lattice_matrix_to_params,
     lattice_params_to_matrix,
     metric_tensor,
+    min_pair_distance,
     minimum_image_frac,
     polar_factor,
     reciprocal_lattice,
+    reduce_lattice,
     wrap_frac,
 )
 
@@ -21,8 +23,10 @@ __all__ = [
     "lattice_matrix_to_params",
     "lattice_params_to_matrix",
     "metric_tensor",
+    "min_pair_distance",
     "minimum_image_frac",
     "polar_factor",
     "reciprocal_lattice",
+    "reduce_lattice",
     "wrap_frac",
 ]

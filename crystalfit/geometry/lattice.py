@@ -141,3 +141,103 @@ def polar_factor(lattice: Tensor, n_iter: int = 12) -> Tensor:
         g = torch.sqrt(torch.linalg.matrix_norm(inv_t) / torch.linalg.matrix_norm(u))[..., None, None]
         u = 0.5 * (g * u + inv_t / g)
     return u
+
+
+def reduce_lattice(lattice: Tensor, max_sweeps: int = 100) -> tuple[Tensor, Tensor]:
+    """Pairwise size-reduced basis of the same lattices (batched Lagrange reduction).
+
+    Repeats ``b_i <- b_i - round(b_i.b_j / b_j.b_j) b_j`` over all ordered pairs of
+    the three vectors until no vector changes (at most ``max_sweeps`` sweeps).  The
+    result spans the same lattice and is short and close to orthogonal, so that
+    a search over the 27 neighbouring images finds periodic minimum distances.
+
+    Parameters
+    ----------
+    lattice : Tensor, shape (B, 3, 3), vectors as rows
+    max_sweeps : int
+
+    Returns
+    -------
+    reduced : Tensor, shape (B, 3, 3)
+        ``U @ lattice``.
+    U : Tensor, shape (B, 3, 3), integer-valued (dtype of ``lattice``), ``|det U| = 1``
+        Fractional coordinates in the reduced basis are ``frac @ inverse(U)``.
+
+    Examples
+    --------
+    >>> L = torch.tensor([[[1.0, 0, 0], [5.0, 1, 0], [0, 0, 1]]])
+    >>> reduce_lattice(L)[0][0].tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    if lattice.dim() != 3 or lattice.shape[1:] != (3, 3):
+        raise ShapeError(f"lattice has shape {tuple(lattice.shape)}, expected (B, 3, 3)")
+    red = lattice.clone()
+    U = torch.eye(3, dtype=lattice.dtype, device=lattice.device).expand_as(lattice).clone()
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    for _ in range(int(max_sweeps)):
+        changed = False
+        for i, j in pairs:
+            bj = red[:, j]
+            mu = torch.round((red[:, i] * bj).sum(-1) / (bj * bj).sum(-1).clamp_min(1e-300))
+            if bool((mu != 0).any()):
+                changed = True
+                red[:, i] = red[:, i] - mu[:, None] * bj
+                U[:, i] = U[:, i] - mu[:, None] * U[:, j]
+        if not changed:
+            break
+    return red, U
+
+
+def min_pair_distance(frac: Tensor, lattice: Tensor, batch: Tensor, num_crystals: int | None = None) -> Tensor:
+    """Shortest periodic distance between two distinct atoms of each crystal (Angstrom).
+
+    The cell is first reduced (:func:`reduce_lattice`); then for every pair ``i != j``
+    of a crystal the fractional difference is reduced to the minimum image and the 27
+    neighbouring images of it are searched.  Distances between an atom and its own
+    images are not counted (as in pymatgen's ``distance_matrix``).
+
+    Parameters
+    ----------
+    frac : Tensor, shape (N, 3)
+    lattice : Tensor, shape (B, 3, 3), lattice vectors as rows
+    batch : Tensor, shape (N,), long, crystal of each atom (atoms stored crystal after crystal)
+    num_crystals : int, optional
+        ``B`` (default ``lattice.shape[0]``).
+
+    Returns
+    -------
+    Tensor, shape (B,)
+        ``inf`` for a crystal with fewer than two atoms.
+
+    Examples
+    --------
+    >>> frac = torch.tensor([[0.0, 0, 0], [0.5, 0.5, 0.5], [0.0, 0, 0]])
+    >>> lat = torch.stack([4.0 * torch.eye(3), 3.0 * torch.eye(3)])
+    >>> min_pair_distance(frac, lat, torch.tensor([0, 0, 1])).tolist()  # sqrt(3) * 2, and one atom
+    [3.464101552963257, inf]
+    """
+    B = lattice.shape[0] if num_crystals is None else int(num_crystals)
+    if frac.dim() != 2 or frac.shape[1] != 3 or batch.shape != frac.shape[:1]:
+        raise ShapeError(f"frac {tuple(frac.shape)} and batch {tuple(batch.shape)} must be (N, 3) and (N,)")
+    out = torch.full((B,), float("inf"), dtype=frac.dtype, device=frac.device)
+    if frac.shape[0] == 0:
+        return out
+    counts = torch.bincount(batch, minlength=B)
+    n_max = int(counts.max())
+    if n_max < 2:
+        return out
+    ptr = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(frac.shape[0], device=frac.device) - ptr[batch]
+    lattice, U = reduce_lattice(lattice.to(frac.dtype))
+    frac = torch.einsum("ni,nij->nj", frac, torch.linalg.inv(U)[batch])
+    pad = frac.new_zeros((B, n_max, 3))
+    mask = torch.zeros((B, n_max), dtype=torch.bool, device=frac.device)
+    pad[batch, slot] = frac
+    mask[batch, slot] = True
+    d = minimum_image_frac(pad[:, None, :, :] - pad[:, :, None, :])  # (B, n, n, 3)
+    r = torch.arange(-1, 2, dtype=frac.dtype, device=frac.device)
+    shifts = torch.cartesian_prod(r, r, r)  # (27, 3)
+    cart = torch.einsum("bijsk,bkl->bijsl", d[:, :, :, None, :] + shifts, lattice)
+    dist = cart.norm(dim=-1).amin(-1)  # (B, n, n)
+    pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n_max, dtype=torch.bool, device=frac.device)
+    return torch.where(pair, dist, torch.full_like(dist, float("inf"))).flatten(1).amin(-1)

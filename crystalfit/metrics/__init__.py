@@ -21,7 +21,7 @@ distribution distances          :func:`wasserstein_density`,
 generation table                :func:`evaluate_generation`
 property optimisation           :func:`success_rate`, :func:`hit_ratio`
 ground state                    :func:`ground_state_metrics` (DP-CDVAE Table III)
-diffraction agreement           :func:`r_factor`, :func:`powder_similarity`
+diffraction agreement           :func:`r_factor`, :func:`best_candidates`, :func:`powder_similarity`
 model selection                 :func:`get_scorer`
 ==============================  ===============================================
 """
@@ -54,7 +54,7 @@ from .ground_state import ground_state_metrics
 from .optimization import SR_THRESHOLDS, hit_ratio, optimization_success_rate, success_rate, success_thresholds
 from .scorers import CrystalScorer, get_scorer, get_scorer_names
 from .validity import composition_validity, smact_validity, structure_validity, validity
-from .xrd_agreement import broaden_peaks, pattern_similarity, powder_pattern, powder_similarity, r_factor
+from .xrd_agreement import best_candidates, broaden_peaks, pattern_similarity, powder_pattern, powder_similarity, r_factor
 
 __all__ = [
     "COV_CUTOFFS",
@@ -88,6 +88,7 @@ __all__ = [
     "powder_similarity",
     "predict_property",
     "r_factor",
+    "best_candidates",
     "rms_distance",
     "smact_validity",
     "structure_fingerprints",

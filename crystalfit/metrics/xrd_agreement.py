@@ -25,8 +25,9 @@ import numpy as np
 
 from ..exceptions import CrystalfitError, ShapeError
 from ._utils import as_structure_or_none, as_structures, check_same_length, parallel_map
+from .validity import STRUCT_MIN_DISTANCE
 
-__all__ = ["r_factor", "powder_pattern", "broaden_peaks", "pattern_similarity", "powder_similarity"]
+__all__ = ["r_factor", "best_candidates", "powder_pattern", "broaden_peaks", "pattern_similarity", "powder_similarity"]
 
 
 def r_factor(calc: Any, obs: Any, *, fit_scale: bool = False):
@@ -70,6 +71,51 @@ def r_factor(calc: Any, obs: Any, *, fit_scale: bool = False):
         c = c * np.expand_dims(s, -1)
     r = np.sum((c - o) ** 2, axis=-1) / denom
     return float(r) if np.ndim(r) == 0 else r
+
+
+def best_candidates(r_factors: Any, min_distances: Any, n_candidates: int, *,
+                    min_distance: float = STRUCT_MIN_DISTANCE) -> np.ndarray:
+    """Index of the candidate to keep in each group of ``n_candidates`` consecutive ones.
+
+    The rule of ``XRDGuidedDiffusion.sample(n_candidates=k)``: among the group's
+    structurally valid candidates (no two atoms closer than ``min_distance``, the
+    0.5 Angstrom of CDVAE's structural validity) the one whose intensities fit the
+    data best (smallest R-factor); if none is valid, the smallest R-factor.  Guided
+    diffusion can pull atoms onto each other where the data barely see them (light
+    atoms next to heavy ones); such a structure may fit the intensities well and is
+    still not a crystal.
+
+    Parameters
+    ----------
+    r_factors, min_distances : array, shape (G * n_candidates,)
+        Per candidate, groups stored one after the other.
+    n_candidates : int
+    min_distance : float
+        Angstrom.
+
+    Returns
+    -------
+    numpy.ndarray, shape (G,), int
+        Indices into the candidates (not into the group).
+
+    Examples
+    --------
+    >>> # group 1: the valid candidate beats a better-fitting overlap; group 2: none valid
+    >>> best_candidates([0.1, 0.01, 0.2, 0.3], [2.0, 0.3, 0.2, 0.1], 2).tolist()
+    [0, 2]
+    """
+    r = np.asarray(r_factors, dtype=float).ravel()
+    d = np.asarray(min_distances, dtype=float).ravel()
+    k = int(n_candidates)
+    if k < 1 or r.shape != d.shape or r.size % k:
+        raise ShapeError(
+            f"r_factors has {r.size} entries and min_distances {d.size}; expected two equal lengths that are a "
+            f"multiple of n_candidates={n_candidates!r} (groups of candidates stored one after the other)"
+        )
+    r = np.where(np.isfinite(r), r, np.inf)
+    invalid = ~(d >= min_distance)  # NaN counts as invalid
+    key = np.lexsort((r.reshape(-1, k), invalid.reshape(-1, k)), axis=-1)[:, 0] if r.size else np.zeros(0, int)
+    return key + k * np.arange(r.size // k)
 
 
 def broaden_peaks(two_theta: Any, intensity: Any, grid: np.ndarray, fwhm: float) -> np.ndarray:

@@ -1,0 +1,54 @@
+"""Lattice reduction and periodic minimum distances, against pymatgen."""
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from crystalfit.geometry import min_pair_distance, reduce_lattice
+
+
+def _skewed_lattices(n, seed=0):
+    """Random cells, many of them very skewed (angles down to a few degrees), as an untrained model makes."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, 3, 3)) * 3.0
+    shear = np.eye(3) + np.triu(rng.integers(-6, 7, size=(n, 3, 3)), 1)  # unimodular: same lattice, skewed basis
+    return base, shear @ base
+
+
+def test_reduce_lattice_spans_the_same_lattice_and_shortens():
+    base, skewed = _skewed_lattices(40)
+    red, U = reduce_lattice(torch.tensor(skewed))
+    red, U = red.numpy(), U.numpy()
+    np.testing.assert_allclose(U, np.round(U))
+    np.testing.assert_allclose(np.abs(np.linalg.det(U)), 1.0)
+    np.testing.assert_allclose(red, U @ skewed, atol=1e-9)
+    np.testing.assert_allclose(np.abs(np.linalg.det(red)), np.abs(np.linalg.det(skewed)), rtol=1e-9)
+    # pairwise size-reduced: |b_i . b_j| <= |b_j|^2 / 2
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                dots = np.abs(np.einsum("bk,bk->b", red[:, i], red[:, j]))
+                assert np.all(dots <= 0.5 * np.einsum("bk,bk->b", red[:, j], red[:, j]) + 1e-9)
+    # as short as pymatgen's LLL basis (its longest vector)
+    lll = np.array([Lattice(m).get_lll_reduced_lattice().abc for m in skewed])
+    assert np.all(np.linalg.norm(red, axis=-1).max(-1) <= lll.max(-1) * (1 + 1e-9) + 1e-9)
+
+
+def test_min_pair_distance_matches_pymatgen_on_skewed_cells():
+    _, skewed = _skewed_lattices(30, seed=1)
+    rng = np.random.default_rng(2)
+    counts = rng.integers(1, 7, size=len(skewed))
+    frac = [rng.random((c, 3)) for c in counts]
+    got = min_pair_distance(torch.tensor(np.concatenate(frac)), torch.tensor(skewed),
+                            torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))).numpy()
+    for k, (L, f) in enumerate(zip(skewed, frac)):
+        if len(f) < 2:
+            assert got[k] == np.inf
+            continue
+        d = Structure(Lattice(L), ["H"] * len(f), f).distance_matrix
+        assert got[k] == pytest.approx((d + 1e9 * np.eye(len(f))).min(), rel=1e-9)
+
+
+def test_min_pair_distance_empty_and_single():
+    out = min_pair_distance(torch.zeros((0, 3)), torch.eye(3)[None].repeat(2, 1, 1), torch.zeros(0, dtype=torch.long))
+    assert out.tolist() == [float("inf")] * 2
