@@ -348,7 +348,7 @@ def table_d1(args) -> None:
           f"Cu3Au 2x FCC supercell (6 Cu + 2 Au), lattice fixed (learn_lattice=False), {len(train)} noisy training "
           f"structures over all 28 placements; each sample conditioned on one superlattice placement's intensities and "
           f"matched against it (stol 0.05)." + ranked_note(args)]
-    write("tableD1", dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
+    write("tableD1" + _suffix(args), dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
 
 
 # ------------------------------------------------------------------------ CSP
