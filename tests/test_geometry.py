@@ -52,3 +52,11 @@ def test_min_pair_distance_matches_pymatgen_on_skewed_cells():
 def test_min_pair_distance_empty_and_single():
     out = min_pair_distance(torch.zeros((0, 3)), torch.eye(3)[None].repeat(2, 1, 1), torch.zeros(0, dtype=torch.long))
     assert out.tolist() == [float("inf")] * 2
+
+
+def test_degenerate_cells_do_not_break_the_reduction():
+    L = torch.stack([torch.zeros(3, 3), torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1]]), 4 * torch.eye(3)])
+    red, U = reduce_lattice(L)
+    assert torch.isfinite(red).all() and torch.isfinite(U).all()
+    d = min_pair_distance(torch.rand(6, 3), L, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert d[0] == 0 and torch.isfinite(d).all()

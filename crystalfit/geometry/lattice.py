@@ -178,7 +178,9 @@ def reduce_lattice(lattice: Tensor, max_sweeps: int = 100) -> tuple[Tensor, Tens
         changed = False
         for i, j in pairs:
             bj = red[:, j]
-            mu = torch.round((red[:, i] * bj).sum(-1) / (bj * bj).sum(-1).clamp_min(1e-300))
+            nj = (bj * bj).sum(-1)
+            mu = torch.round((red[:, i] * bj).sum(-1) / torch.where(nj > 0, nj, torch.ones_like(nj)))
+            mu = torch.where((nj > 0) & torch.isfinite(mu), mu, torch.zeros_like(mu))  # degenerate cells: left as is
             if bool((mu != 0).any()):
                 changed = True
                 red[:, i] = red[:, i] - mu[:, None] * bj
