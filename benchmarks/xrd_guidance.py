@@ -137,7 +137,8 @@ def ranked_note(args) -> str:
     if args.candidates <= 1:
         return ""
     return (f" Columns 'best of {args.candidates}': {args.candidates} candidates per target, the one whose "
-            "single-crystal intensities fit the target best (R-factor, least-squares scale) is kept "
+            "single-crystal intensities fit the target best (R-factor, least-squares scale) among those with no "
+            "two atoms closer than 0.5 A is kept "
             f"(`sample(n_candidates={args.candidates})`; unguided: same ranking of unguided candidates); "
             "not the paper's 1-sample protocol.")
 
