@@ -83,7 +83,7 @@ def _demo(args) -> int:
               f"       {paper['unguided'][n]:8.1%} {paper['guided'][n]:8.1%}")
     if K > 1:
         print(f"best of {K}: {K} guided candidates per structure, the one whose intensities fit the target best "
-              f"is kept ({t_ranked * 1e3:.0f} ms per kept structure)")
+              f"(no two atoms closer than 0.5 A, where any is) is kept ({t_ranked * 1e3:.0f} ms per kept structure)")
     print(f"\nsampling: {t_unguided * 1e3:.1f} ms/structure unguided, {t_guided * 1e3:.1f} ms/structure guided "
           f"({args.steps} steps); total {time.perf_counter() - t0:.0f} s")
     if args.output:
