@@ -60,3 +60,14 @@ def test_degenerate_cells_do_not_break_the_reduction():
     assert torch.isfinite(red).all() and torch.isfinite(U).all()
     d = min_pair_distance(torch.rand(6, 3), L, torch.tensor([0, 0, 1, 1, 2, 2]))
     assert d[0] == 0 and torch.isfinite(d).all()
+
+
+def test_min_pair_distance_chunking_is_exact():
+    _, skewed = _skewed_lattices(25, seed=3)
+    rng = np.random.default_rng(4)
+    counts = torch.tensor(rng.integers(2, 9, size=len(skewed)))
+    frac = torch.tensor(rng.random((int(counts.sum()), 3)))
+    batch = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    whole = min_pair_distance(frac, torch.tensor(skewed), batch)
+    for chunk in (1, 8 * 8 * 81 * 3, 10**9):  # one crystal per chunk, three per chunk, all at once
+        torch.testing.assert_close(min_pair_distance(frac, torch.tensor(skewed), batch, chunk_elements=chunk), whole)

@@ -190,7 +190,8 @@ def reduce_lattice(lattice: Tensor, max_sweeps: int = 100) -> tuple[Tensor, Tens
     return red, U
 
 
-def min_pair_distance(frac: Tensor, lattice: Tensor, batch: Tensor, num_crystals: int | None = None) -> Tensor:
+def min_pair_distance(frac: Tensor, lattice: Tensor, batch: Tensor, num_crystals: int | None = None,
+                      chunk_elements: int = 2**23) -> Tensor:
     """Shortest periodic distance between two distinct atoms of each crystal (Angstrom).
 
     The cell is first reduced (:func:`reduce_lattice`); then for every pair ``i != j``
@@ -205,6 +206,9 @@ def min_pair_distance(frac: Tensor, lattice: Tensor, batch: Tensor, num_crystals
     batch : Tensor, shape (N,), long, crystal of each atom (atoms stored crystal after crystal)
     num_crystals : int, optional
         ``B`` (default ``lattice.shape[0]``).
+    chunk_elements : int
+        Bound on the size of the work array (crystals are processed in chunks; 2**23
+        elements are 64 MiB in float64).
 
     Returns
     -------
@@ -236,10 +240,16 @@ def min_pair_distance(frac: Tensor, lattice: Tensor, batch: Tensor, num_crystals
     mask = torch.zeros((B, n_max), dtype=torch.bool, device=frac.device)
     pad[batch, slot] = frac
     mask[batch, slot] = True
-    d = minimum_image_frac(pad[:, None, :, :] - pad[:, :, None, :])  # (B, n, n, 3)
     r = torch.arange(-1, 2, dtype=frac.dtype, device=frac.device)
     shifts = torch.cartesian_prod(r, r, r)  # (27, 3)
-    cart = torch.einsum("bijsk,bkl->bijsl", d[:, :, :, None, :] + shifts, lattice)
-    dist = cart.norm(dim=-1).amin(-1)  # (B, n, n)
+    # crystals in chunks: the work array is (chunk, n, n, 27, 3)
+    step = max(1, int(chunk_elements) // (n_max * n_max * 27 * 3))
+    dist = []
+    for lo in range(0, B, step):
+        p = pad[lo:lo + step]
+        d = minimum_image_frac(p[:, None, :, :] - p[:, :, None, :])  # (b, n, n, 3)
+        cart = torch.einsum("bijsk,bkl->bijsl", d[:, :, :, None, :] + shifts, lattice[lo:lo + step])
+        dist.append(cart.norm(dim=-1).amin(-1))  # (b, n, n)
+    dist = torch.cat(dist)
     pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n_max, dtype=torch.bool, device=frac.device)
     return torch.where(pair, dist, torch.full_like(dist, float("inf"))).flatten(1).amin(-1)
