@@ -468,7 +468,8 @@ def main() -> None:
     p.add_argument("--no-polar-lattice", dest="polar_lattice", action="store_false",
                    help="DiffCSP's lattice head M L_t instead of M L_t + M2 U(L_t)")
     p.add_argument("--candidates", type=int, default=1,
-                   help="also report best-of-K columns: K candidates per target ranked by intensity R-factor")
+                   help="also report best-of-K columns: K candidates per target, the best intensity R-factor "
+                        "among those without atoms closer than 0.5 A kept (crystalfit.metrics.best_candidates)")
     p.add_argument("--step-lr", type=float, default=1e-5)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--stochastic", dest="zero_variance", action="store_false",

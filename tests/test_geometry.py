@@ -71,3 +71,15 @@ def test_min_pair_distance_chunking_is_exact():
     whole = min_pair_distance(frac, torch.tensor(skewed), batch)
     for chunk in (1, 8 * 8 * 81 * 3, 10**9):  # one crystal per chunk, three per chunk, all at once
         torch.testing.assert_close(min_pair_distance(frac, torch.tensor(skewed), batch, chunk_elements=chunk), whole)
+
+
+def test_min_pair_distance_shape_errors():
+    from crystalfit.exceptions import ShapeError
+
+    frac, batch = torch.rand(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ShapeError, match=r"lattice has shape \(1, 3, 3\), expected \(2, 3, 3\)"):
+        min_pair_distance(frac, torch.eye(3)[None], batch, num_crystals=2)
+    with pytest.raises(ShapeError, match=r"batch has values in \[0, 1\], expected crystal indices in \[0, 0\]"):
+        min_pair_distance(frac, torch.eye(3)[None], batch)
+    with pytest.raises(ShapeError, match=r"must be \(N, 3\) and \(N,\)"):
+        min_pair_distance(frac, torch.eye(3)[None].repeat(2, 1, 1), batch[:3])

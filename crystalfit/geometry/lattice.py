@@ -225,6 +225,11 @@ def min_pair_distance(frac: Tensor, lattice: Tensor, batch: Tensor, num_crystals
     B = lattice.shape[0] if num_crystals is None else int(num_crystals)
     if frac.dim() != 2 or frac.shape[1] != 3 or batch.shape != frac.shape[:1]:
         raise ShapeError(f"frac {tuple(frac.shape)} and batch {tuple(batch.shape)} must be (N, 3) and (N,)")
+    if lattice.shape != (B, 3, 3):
+        raise ShapeError(f"lattice has shape {tuple(lattice.shape)}, expected ({B}, 3, 3): one cell per crystal")
+    if batch.numel() and (int(batch.min()) < 0 or int(batch.max()) >= B):
+        raise ShapeError(f"batch has values in [{int(batch.min())}, {int(batch.max())}], expected crystal indices "
+                         f"in [0, {B - 1}]")
     out = torch.full((B,), float("inf"), dtype=frac.dtype, device=frac.device)
     if frac.shape[0] == 0:
         return out
