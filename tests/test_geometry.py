@@ -83,3 +83,10 @@ def test_min_pair_distance_shape_errors():
         min_pair_distance(frac, torch.eye(3)[None], batch)
     with pytest.raises(ShapeError, match=r"must be \(N, 3\) and \(N,\)"):
         min_pair_distance(frac, torch.eye(3)[None].repeat(2, 1, 1), batch[:3])
+
+
+def test_reduce_lattice_shape_error():
+    from crystalfit.exceptions import ShapeError
+
+    with pytest.raises(ShapeError, match=r"lattice has shape \(3, 3\), expected \(B, 3, 3\)"):
+        reduce_lattice(torch.eye(3))
