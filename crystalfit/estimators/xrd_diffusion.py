@@ -112,6 +112,13 @@ class XRDGuidedDiffusion(CrystalEstimator):
         Miller indices h, k, l in ``-hkl_range..hkl_range`` ((2r+1)^3 reflections).
     step_lr : float
         Corrector step size (DiffCSP; 0 disables the corrector and halves the cost).
+        The step is ``step_lr (sigma_t / sigma_1)^2`` per grid point whatever the
+        stride, so a strided grid (``n_steps < timesteps``) relaxes towards the prior
+        less than DiffCSP's 1000 steps.  With a well-trained prior, 3e-5 at 100 steps
+        paired with ``score_ratio`` 15 gave the best 1-sample Crystal-1/2 rates
+        (benchmarks/results/xrd_table1_corrector3e-5.md); with an undertrained one
+        it pins the prior's mistakes, hence the default 1e-5
+        (docs/xrd_guided_diffusion.md).
     zero_variance : bool
         Deterministic reverse process given the initial state (the paper's setting,
         Appendix B; default).  False adds the reverse-SDE noise (DiffCSP's sampler).
