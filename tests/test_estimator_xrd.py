@@ -255,3 +255,10 @@ def test_self_condition_save_load_and_old_models(data, tmp_path):
 def test_boolean_params_validated(data, name):
     with pytest.raises(CrystalfitError, match=f"{name} must be True or False, got 'yes'"):
         _model(**{name: "yes"}).fit(data)
+
+
+@pytest.mark.parametrize("bad", [-1e-5, float("nan"), float("inf"), "1e-5", True])
+def test_step_lr_validated_before_fitting(data, bad):
+    # checked at the start of fit, not after training when the sampler first uses it
+    with pytest.raises(CrystalfitError, match="step_lr must be a finite float >= 0"):
+        _model(step_lr=bad).fit(data)
