@@ -257,8 +257,9 @@ def test_boolean_params_validated(data, name):
         _model(**{name: "yes"}).fit(data)
 
 
+@pytest.mark.parametrize("name", ["step_lr", "score_ratio"])
 @pytest.mark.parametrize("bad", [-1e-5, float("nan"), float("inf"), "1e-5", True])
-def test_step_lr_validated_before_fitting(data, bad):
-    # checked at the start of fit, not after training when the sampler first uses it
-    with pytest.raises(CrystalfitError, match="step_lr must be a finite float >= 0"):
-        _model(step_lr=bad).fit(data)
+def test_sampling_floats_validated_before_fitting(data, name, bad):
+    # checked at the start of fit, not after training when the sampler first uses them
+    with pytest.raises(CrystalfitError, match=f"{name} must be a finite float >= 0"):
+        _model(**{name: bad}).fit(data)

@@ -265,15 +265,12 @@ class XRDGuidedDiffusion(CrystalEstimator):
             raise CrystalfitError(
                 f"n_steps={self.n_steps} exceeds timesteps={self.timesteps}; use n_steps <= timesteps"
             )
-        if not (np.isfinite(self.score_ratio) and self.score_ratio >= 0):
-            raise CrystalfitError(f"score_ratio must be a finite float >= 0, got {self.score_ratio!r}; the paper uses 3 or 4")
-        lr = self.step_lr
-        if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, (int, float, np.integer, np.floating)) \
-                or not (np.isfinite(lr) and lr >= 0):
-            raise CrystalfitError(
-                f"step_lr must be a finite float >= 0 (the corrector's Langevin step size), got {lr!r}; "
-                "DiffCSP uses 1e-5, and 0 switches the corrector off"
-            )
+        for name, hint in (("score_ratio", "the paper uses 3 or 4"),
+                           ("step_lr", "it is the corrector's Langevin step size: DiffCSP uses 1e-5, 0 switches it off")):
+            v = getattr(self, name)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or not (np.isfinite(v) and v >= 0):
+                raise CrystalfitError(f"{name} must be a finite float >= 0, got {v!r}; {hint}")
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
         for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "polar_lattice",
