@@ -1,4 +1,6 @@
 """XRDGuidedDiffusion: conformance, sampling modes and input errors (tiny settings)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,55 @@ def test_sampling_floats_validated_before_fitting(data, name, bad):
     # checked at the start of fit, not after training when the sampler first uses them
     with pytest.raises(CrystalfitError, match=f"{name} must be a finite float >= 0"):
         _model(**{name: bad}).fit(data)
+
+
+def test_guidance_option_dict_and_factory(fitted):
+    """sample(guidance=...) builds the guidance the sampler calls: a dict of XRDGuidance options
+    (same result as the estimator parameter it overrides) or a factory given the sample's tensors."""
+    from crystalfit.guidance import XRDGuidance
+
+    I = single_crystal_intensities(make_perovskite("crystal-2"))
+    run = dict(n_samples=3, random_state=4, intensities=I)
+    base = fitted.sample("CoN2OTl", **run)
+    pos = lambda out: np.stack([a.get_scaled_positions() for a in out])  # noqa: E731
+    # a dict override equals changing the estimator parameter
+    strong = fitted.sample("CoN2OTl", guidance={"score_ratio": 9.0}, **run)
+    ref = copy.deepcopy(fitted).set_params(score_ratio=9.0)
+    np.testing.assert_allclose(pos(strong), pos(ref.sample("CoN2OTl", **run)), atol=1e-6)
+    assert not np.allclose(pos(strong), pos(base))
+    # through_network=False reaches XRDGuidance and changes the result
+    direct = fitted.sample("CoN2OTl", guidance={"through_network": False}, **run)
+    assert not np.allclose(pos(direct), pos(base))
+    # a factory gets the batch's tensors and is called once per predictor step
+    seen, calls = {}, []
+
+    class Counting(XRDGuidance):
+        def __call__(self, **kw):
+            calls.append(1)
+            return super().__call__(**kw)
+
+    def factory(**kw):
+        seen.update(kw)
+        return Counting(**kw)
+
+    out = fitted.sample("CoN2OTl", guidance=factory, **run)
+    np.testing.assert_allclose(pos(out), pos(base), atol=1e-6)
+    assert sorted(seen) == sorted(["intensities", "numbers", "batch", "hkl", "score_ratio", "expected_intensity"])
+    assert seen["intensities"].shape == (3, len(I)) and seen["numbers"].shape == (15,)
+    assert len(calls) == fitted.n_steps
+
+
+def test_guidance_option_errors(fitted):
+    I = single_crystal_intensities(make_perovskite("crystal-2"))
+    with pytest.raises(CrystalfitError, match="pass intensities= as well"):
+        fitted.sample("CoN2OTl", guidance={"score_ratio": 3.0})
+    with pytest.raises(CrystalfitError, match=r"\['ratio'\] are not XRDGuidance options.*allowed keys"):
+        fitted.sample("CoN2OTl", intensities=I, guidance={"ratio": 3.0})
+    with pytest.raises(CrystalfitError, match=r"\['hkl'\] are set by sample\(\) itself"):
+        fitted.sample("CoN2OTl", intensities=I, guidance={"hkl": [[1, 0, 0]]})
+    with pytest.raises(CrystalfitError, match="dict of XRDGuidance options or a callable factory, got str"):
+        fitted.sample("CoN2OTl", intensities=I, guidance="strong")
+    with pytest.raises(CrystalfitError, match="returned int, not a callable guidance object"):
+        fitted.sample("CoN2OTl", intensities=I, guidance=lambda **kw: 3)
+    with pytest.raises(CrystalfitError, match="score_ratio = -1"):
+        fitted.sample("CoN2OTl", intensities=I, guidance={"score_ratio": -1})

@@ -479,6 +479,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         lattice=None,
         random_state=None,
         n_candidates: int = 1,
+        guidance=None,
     ) -> list:
         """Generate structures for one or more compositions.
 
@@ -512,6 +513,18 @@ class XRDGuidedDiffusion(CrystalEstimator):
             crystallographer's "generate, then rank against the data" step; it costs
             ``n_candidates`` times the sampling time.  The paper's protocol is
             ``n_candidates=1`` (the default).
+        guidance : dict or callable, optional
+            With ``intensities``: how the guidance object the sampler calls is built.
+            A dict gives options of :class:`crystalfit.guidance.XRDGuidance` for this
+            call, e.g. ``{"through_network": False}`` (no backward pass through the
+            network: about half the guided cost) or ``{"score_ratio": 15}``.  A
+            callable is a factory: it is called with the keyword arguments
+            ``intensities, numbers, batch, hkl, score_ratio, expected_intensity``
+            (tensors for the whole sampling batch, on the model's device) and returns
+            an object with the sampler's guidance protocol
+            (:class:`crystalfit.sampling.predictor_corrector.Guidance`), for example a
+            subclass of ``XRDGuidance`` with another likelihood.  Default: the
+            estimator's settings.
 
         Returns
         -------
@@ -532,6 +545,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 f"n_candidates={n_candidates} ranks candidates by their agreement with target intensities; "
                 "pass intensities= or use n_candidates=1"
             )
+        if guidance is not None:
+            if intensities is None:
+                raise CrystalfitError("guidance= sets up the guidance by intensities; pass intensities= as well")
+            self._check_guidance_option(guidance)
         entries = self._composition_numbers(composition)
         n_entries = len(entries)
         from ..xrd import miller_indices
@@ -576,11 +593,11 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 hint["lattice"] = self._lattice_estimate(lattice_p, lat, eps, t)
             return eps, pred_x
 
-        guidance = None
+        option, guidance = guidance, None
         if target is not None:
             from ..guidance import XRDGuidance
 
-            guidance = XRDGuidance(
+            guide_kw = dict(
                 intensities=torch.as_tensor(target[entry_of], device=device, dtype=dtype),
                 numbers=numbers,
                 batch=batch_idx,
@@ -588,6 +605,15 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 score_ratio=float(self.score_ratio),
                 expected_intensity=bool(self.expected_intensity),
             )
+            if callable(option):
+                guidance = option(**guide_kw)
+                if not callable(guidance):
+                    raise CrystalfitError(
+                        f"the guidance factory returned {type(guidance).__name__}, not a callable guidance object; "
+                        "return e.g. XRDGuidance(**kwargs)"
+                    )
+            else:
+                guidance = XRDGuidance(**{**guide_kw, **(option or {})})
         start = time.perf_counter()
         result = predictor_corrector_sample(
             model_fn,
@@ -651,6 +677,29 @@ class XRDGuidedDiffusion(CrystalEstimator):
                             n_candidates=int(n_candidates))
             extra.append(info)
         return batch_to_atoms(out_batch.select(keep), extra)
+
+    _GUIDANCE_SET_BY_SAMPLE = ("intensities", "numbers", "batch", "hkl")
+
+    @classmethod
+    def _check_guidance_option(cls, guidance) -> None:
+        """``sample(guidance=...)``: a dict of XRDGuidance options or a factory."""
+        if callable(guidance):
+            return
+        if not isinstance(guidance, dict):
+            raise CrystalfitError(
+                f"guidance must be a dict of XRDGuidance options or a callable factory, got {type(guidance).__name__}"
+            )
+        import inspect
+
+        from ..guidance import XRDGuidance
+
+        allowed = [k for k in inspect.signature(XRDGuidance).parameters if k not in cls._GUIDANCE_SET_BY_SAMPLE]
+        bad = sorted(set(guidance) - set(allowed))
+        if bad:
+            fixed = [k for k in bad if k in cls._GUIDANCE_SET_BY_SAMPLE]
+            why = (f"{fixed} are set by sample() itself (pass intensities= to sample)" if fixed
+                   else f"{bad} are not XRDGuidance options")
+            raise CrystalfitError(f"guidance = {guidance!r}: {why}; allowed keys: {allowed}")
 
     # --------------------------------------------------------- learned score
     def predict_score(self, structures, noise_level: float = 0.01) -> list:
