@@ -311,6 +311,8 @@ def test_guidance_option_errors(fitted):
         fitted.sample("CoN2OTl", intensities=I, guidance={"ratio": 3.0})
     with pytest.raises(CrystalfitError, match=r"\['hkl'\] are set by sample\(\) itself"):
         fitted.sample("CoN2OTl", intensities=I, guidance={"hkl": [[1, 0, 0]]})
+    with pytest.raises(CrystalfitError, match=r"\['hkl'\] are set by sample\(\) itself.*; \['ratio'\] are not XRDGuidance"):
+        fitted.sample("CoN2OTl", intensities=I, guidance={"hkl": [[1, 0, 0]], "ratio": 3.0})
     with pytest.raises(CrystalfitError, match="dict of XRDGuidance options or a callable factory, got str"):
         fitted.sample("CoN2OTl", intensities=I, guidance="strong")
     with pytest.raises(CrystalfitError, match="returned int, not a callable guidance object"):

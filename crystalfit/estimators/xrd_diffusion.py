@@ -699,9 +699,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
         bad = sorted(set(guidance) - set(allowed))
         if bad:
             fixed = [k for k in bad if k in cls._GUIDANCE_SET_BY_SAMPLE]
-            why = (f"{fixed} are set by sample() itself (pass intensities= to sample)" if fixed
-                   else f"{bad} are not XRDGuidance options")
-            raise CrystalfitError(f"guidance = {guidance!r}: {why}; allowed keys: {allowed}")
+            unknown = [k for k in bad if k not in fixed]
+            why = ([f"{fixed} are set by sample() itself (pass intensities= to sample)"] if fixed else []) \
+                + ([f"{unknown} are not XRDGuidance options"] if unknown else [])
+            raise CrystalfitError(f"guidance = {guidance!r}: {'; '.join(why)}; allowed keys: {allowed}")
 
     # --------------------------------------------------------- learned score
     def predict_score(self, structures, noise_level: float = 0.01) -> list:
