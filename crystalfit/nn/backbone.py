@@ -150,18 +150,22 @@ class EquivariantRMSNorm(nn.Module):
             else:
                 norms.append(_VectorScale(mul))
         self.norms = nn.ModuleList(norms)
+        # plain (start, stop, mul, dim) per block, so that forward touches no e3nn objects
+        # (torch.compile cannot guard on Irrep, whose len() raises)
+        self._blocks = [(sl.start, sl.stop, int(mul), int(ir.dim)) for (mul, ir), sl in
+                        zip(self.irreps, self.irreps.slices())]
 
     def forward(self, x: Tensor) -> Tensor:
         """``(M, irreps.dim) -> (M, irreps.dim)``."""
         out = []
-        for (mul, ir), sl, norm in zip(self.irreps, self.irreps.slices(), self.norms):
-            block = x[:, sl]
+        for (start, stop, mul, dim), norm in zip(self._blocks, self.norms):
+            block = x[:, start:stop]
             if isinstance(norm, nn.LayerNorm):
                 out.append(norm(block))
             else:
-                block = block.reshape(-1, mul, ir.dim)
+                block = block.reshape(-1, mul, dim)
                 ms = block.pow(2).mean(dim=(1, 2), keepdim=True)
-                out.append((norm.weight[None, :, None] * block * torch.rsqrt(ms + self.eps)).reshape(-1, mul * ir.dim))
+                out.append((norm.weight[None, :, None] * block * torch.rsqrt(ms + self.eps)).reshape(-1, mul * dim))
         return torch.cat(out, dim=-1)
 
 
@@ -418,6 +422,8 @@ class PeriodicEquivariantNetwork(nn.Module):
         self.polar_lattice_head = bool(polar_lattice_head)
         self.lattice_out = LatticeHead(hs, polar=self.polar_lattice_head) if self.lattice_head else None
         self.sh_eps = 1e-6
+        self.spherical_harmonics = o3.SphericalHarmonics(list(range(1, self.lmax + 1)), normalize=False,
+                                                         normalization="component")
 
     @property
     def n_parameters(self) -> int:
@@ -533,8 +539,7 @@ class PeriodicEquivariantNetwork(nn.Module):
         r2 = (d * d).sum(-1)
         r = torch.sqrt(r2 + self.sh_eps**2)
         envelope = periodic_envelope(dfrac)
-        sh = o3.spherical_harmonics(list(range(1, self.lmax + 1)), d / r[:, None], normalize=False,
-                                    normalization="component")
+        sh = self.spherical_harmonics(d / r[:, None])
         sh = sh * -torch.expm1(-r2 / SELF_LOOP_RADIUS**2)[:, None]
         edge_feat = torch.cat([fourier_features(dfrac, self.n_freqs), self.radial(r) * envelope, envelope], dim=-1)
         inv_degree = (1.0 / num_atoms.clamp_min(1).to(frac.dtype))[node_batch][:, None]
