@@ -259,6 +259,11 @@ def test_boolean_params_validated(data, name):
         _model(**{name: "yes"}).fit(data)
 
 
+def test_ratio_reference_validated(data):
+    with pytest.raises(CrystalfitError, match="ratio_reference must be one of \\['score', 'prediction'\\], got 'eps'"):
+        _model(ratio_reference="eps").fit(data)
+
+
 @pytest.mark.parametrize("name", ["step_lr", "score_ratio"])
 @pytest.mark.parametrize("bad", [-1e-5, float("nan"), float("inf"), "1e-5", True])
 def test_sampling_floats_validated_before_fitting(data, name, bad):
@@ -281,6 +286,11 @@ def test_guidance_option_dict_and_factory(fitted):
     ref = copy.deepcopy(fitted).set_params(score_ratio=9.0)
     np.testing.assert_allclose(pos(strong), pos(ref.sample("CoN2OTl", **run)), atol=1e-6)
     assert not np.allclose(pos(strong), pos(base))
+    # the ratio_reference parameter reaches XRDGuidance (same as the dict option) and changes the result
+    pred = fitted.sample("CoN2OTl", guidance={"ratio_reference": "prediction"}, **run)
+    ref = copy.deepcopy(fitted).set_params(ratio_reference="prediction")
+    np.testing.assert_allclose(pos(pred), pos(ref.sample("CoN2OTl", **run)), atol=1e-6)
+    assert not np.allclose(pos(pred), pos(base))
     # through_network=False reaches XRDGuidance and changes the result
     direct = fitted.sample("CoN2OTl", guidance={"through_network": False}, **run)
     assert not np.allclose(pos(direct), pos(base))
@@ -298,7 +308,8 @@ def test_guidance_option_dict_and_factory(fitted):
 
     out = fitted.sample("CoN2OTl", guidance=factory, **run)
     np.testing.assert_allclose(pos(out), pos(base), atol=1e-6)
-    assert sorted(seen) == sorted(["intensities", "numbers", "batch", "hkl", "score_ratio", "expected_intensity"])
+    assert sorted(seen) == sorted(["intensities", "numbers", "batch", "hkl", "score_ratio", "expected_intensity",
+                                   "ratio_reference"])
     assert seen["intensities"].shape == (3, len(I)) and seen["numbers"].shape == (15,)
     assert len(calls) == fitted.n_steps
 

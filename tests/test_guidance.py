@@ -261,6 +261,34 @@ def test_score_ratio_scaling_is_exact_per_crystal():
     assert (out[1] == 0).all() and (out[2] == 0).all()
 
 
+def test_prediction_ratio_reference_matches_the_networks_normalisation():
+    """ratio_reference="prediction": max|g| = r max|score / sqrt(lambda_t)| per crystal, with lambda_t the
+    normalisation the network is trained with (the torus process's sigma_norm table at step t)."""
+    from crystalfit.diffusion import WrappedNormalTorus
+
+    gen = torch.Generator().manual_seed(5)
+    numbers, batch, lattice, x0, hkl, target = _two_crystals(gen)
+    torus = WrappedNormalTorus().double()
+    t_crystal = torch.tensor([40, 990])  # two noise levels: sigma ~ 0.008 and ~ 0.48
+    t_atom = t_crystal[batch]
+    sigma = torus.sigma_at(t_atom, x0)
+    x = (x0 + sigma * torch.randn(5, 3, generator=gen, dtype=F64)) % 1.0
+    score = _smooth_score(x, x0, 0.05)
+    pred = torus.prediction_from_score(score, t_atom)  # the network's normalised output
+    kw = dict(frac=x, score=score, sigma=sigma, t=t_crystal, lattice=lattice)
+    g_score = XRDGuidance(target, numbers, batch, hkl, score_ratio=4.0, through_network=False)(**kw)
+    g_pred = XRDGuidance(target, numbers, batch, hkl, score_ratio=4.0, through_network=False,
+                         ratio_reference="prediction")(**kw)
+    for b in (0, 1):
+        rows = batch == b
+        assert g_pred[rows].abs().max().item() == pytest.approx(4.0 * pred[rows].abs().max().item(), rel=1e-9)
+        # same direction as the default, another length: the factor is 1/sqrt(lambda_t)
+        lam = float(torus.sigma_norm[t_crystal[b]])
+        np.testing.assert_allclose(g_pred[rows], g_score[rows] / math.sqrt(lam), rtol=1e-9)
+    with pytest.raises(CrystalfitError, match="ratio_reference = 'eps' is not supported"):
+        XRDGuidance(target, numbers, batch, hkl, ratio_reference="eps")
+
+
 def _mixture_logp(x, sig, comps, tau=0.01):
     st = math.sqrt(tau**2 + sig**2)
     logs = torch.stack([wrapped_normal_log_density(x - X, st).sum() for X in comps])

@@ -124,6 +124,13 @@ class XRDGuidedDiffusion(CrystalEstimator):
         Appendix B; default).  False adds the reverse-SDE noise (DiffCSP's sampler).
         On Crystal-1/2 (fixed lattice, 1:4) the guided match rate drops from 70%/82% to
         67%/63% with noise (benchmarks/results/xrd_ablation_fixed_lattice.md).
+    ratio_reference : {"score", "prediction"}
+        What ``score_ratio`` is measured against (:class:`crystalfit.guidance.XRDGuidance`):
+        the score in true units (default), or the network's normalised output
+        ``score / sqrt(lambda_t)`` (the paper's ``max|eps_hat_X|`` read as DiffCSP's
+        ``pred_x``), with which the guidance is strong at high noise and fades as
+        ``sigma``.  "prediction" with ``score_ratio`` 40 and ``step_lr`` 3e-5 gave the best
+        1-sample Table 1 rates (benchmarks/results/xrd_table1_prediction_ratio.md).
     expected_intensity : bool
         Guidance compares the posterior expectation ``E|F|^2`` with the measured
         intensities (default).  False uses the paper's Eq. (40), ``|E F|^2``, which
@@ -193,6 +200,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         step_lr: float = 1e-5,
         zero_variance: bool = True,
         expected_intensity: bool = True,
+        ratio_reference: str = "score",
         learn_lattice: bool = True,
         self_condition: bool = False,
         polar_lattice: bool = True,
@@ -213,6 +221,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.step_lr = step_lr
         self.zero_variance = zero_variance
         self.expected_intensity = expected_intensity
+        self.ratio_reference = ratio_reference
         self.learn_lattice = learn_lattice
         self.self_condition = self_condition
         self.polar_lattice = polar_lattice
@@ -277,6 +286,13 @@ class XRDGuidedDiffusion(CrystalEstimator):
                      "verbose"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise CrystalfitError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        from ..guidance.xrd_guidance import RATIO_REFERENCES
+
+        if self.ratio_reference not in RATIO_REFERENCES:
+            raise CrystalfitError(
+                f"ratio_reference must be one of {list(RATIO_REFERENCES)}, got {self.ratio_reference!r}; "
+                "'score' measures score_ratio against the score, 'prediction' against the network's normalised output"
+            )
         if not 0 < self.sigma_begin < self.sigma_end:
             raise CrystalfitError(
                 f"need 0 < sigma_begin < sigma_end, got sigma_begin={self.sigma_begin}, sigma_end={self.sigma_end}"
@@ -521,7 +537,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
             call, e.g. ``{"through_network": False}`` (no backward pass through the
             network: about half the guided cost) or ``{"score_ratio": 15}``.  A
             callable is a factory: it is called with the keyword arguments
-            ``intensities, numbers, batch, hkl, score_ratio, expected_intensity``
+            ``intensities, numbers, batch, hkl, score_ratio, expected_intensity,
+            ratio_reference``
             (tensors for the whole sampling batch, on the model's device) and returns
             an object with the sampler's guidance protocol
             (:class:`crystalfit.sampling.predictor_corrector.Guidance`), for example a
@@ -606,6 +623,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 hkl=torch.as_tensor(hkl, device=device),
                 score_ratio=float(self.score_ratio),
                 expected_intensity=bool(self.expected_intensity),
+                ratio_reference=str(self.ratio_reference),
             )
             if callable(option):
                 guidance = option(**guide_kw)
