@@ -82,12 +82,12 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
     kw = dict(max_epochs=args.epochs, n_steps=args.steps, random_state=args.seed, batch_size=args.batch_size,
               verbose=args.verbose, zero_variance=args.zero_variance, learning_rate=args.lr,
               expected_intensity=not args.paper_intensity, self_condition=args.self_condition,
-              polar_lattice=args.polar_lattice, step_lr=args.step_lr)
+              polar_lattice=args.polar_lattice, step_lr=args.step_lr, ratio_reference=args.ratio_reference)
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
         sampling = {k: kw[k] for k in ("n_steps", "zero_variance", "score_ratio", "step_lr", "verbose",
-                                       "expected_intensity") if k in kw}
+                                       "expected_intensity", "ratio_reference") if k in kw}
         model.set_params(**sampling)
         fit_file = Path(args.model) / "fit_seconds.txt"
         t_fit = float(fit_file.read_text()) if fit_file.exists() else float("nan")
@@ -216,7 +216,10 @@ def table1(args) -> None:
     md.append(f"Match: StructureMatcher stol=0.05, angle_tol=10, ltol=0.3; {n} samples per cell; {mode}; "
               f"train {len(train)} noisy structures (paper 10,000), {args.epochs} epochs (paper 40,000), "
               f"batch {args.batch_size}; {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
-              f"{args.steps} steps; guidance intensity {'Eq. 40 |E F|^2' if args.paper_intensity else 'E|F|^2'}."
+              f"{args.steps} steps; guidance intensity {'Eq. 40 |E F|^2' if args.paper_intensity else 'E|F|^2'}; "
+              f"corrector step_lr {args.step_lr:g}; score ratio measured against "
+              + ("the network's normalised output score/sqrt(lambda_t) (ratio_reference='prediction')."
+                 if args.ratio_reference == "prediction" else "the score (ratio_reference='score').")
               + ranked_note(args))
     write("table1" + _suffix(args), dict(results=res, paper=paper, settings=dict(vars(args), n_train_total=len(train)),
                                          seconds=dict(fit=t_fit, per_structure_unguided=t_ung,
@@ -528,6 +531,9 @@ def main() -> None:
     p.add_argument("--reduce", choices=["niggli"], default=None,
                    help="csp: Niggli-reduce the cells on loading (DiffCSP's preprocessing); default: as stored")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--ratio-reference", choices=["score", "prediction"], default="score",
+                   help="score ratio measured against the score (default) or the network's normalised output "
+                        "score/sqrt(lambda_t) (the paper's max|eps_hat|)")
     p.add_argument("--stochastic", dest="zero_variance", action="store_false",
                    help="sample with noise (default: zero variance, the paper's setting, Appendix B)")
     p.add_argument("--model", default=None,
