@@ -115,8 +115,9 @@ class XRDGuidedDiffusion(CrystalEstimator):
         The step is ``step_lr (sigma_t / sigma_1)^2`` per grid point whatever the
         stride, so a strided grid (``n_steps < timesteps``) relaxes towards the prior
         less than DiffCSP's 1000 steps.  With a well-trained prior, 3e-5 at 100 steps
-        paired with ``score_ratio`` 15 gave the best 1-sample Crystal-1/2 rates
-        (benchmarks/results/xrd_table1_corrector3e-5.md); with an undertrained one
+        paired with ``score_ratio`` 15 gave 89% / 83% on Crystal-1/2
+        (benchmarks/results/xrd_table1_corrector3e-5.md), and 4e-5 with
+        ``ratio_reference="prediction"`` and ratio 60 gave 95.3% / 94.8%; with an undertrained one
         it pins the prior's mistakes, hence the default 1e-5
         (docs/xrd_guided_diffusion.md).
     zero_variance : bool
@@ -129,8 +130,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
         the score in true units (default), or the network's normalised output
         ``score / sqrt(lambda_t)`` (the paper's ``max|eps_hat_X|`` read as DiffCSP's
         ``pred_x``), with which the guidance is strong at high noise and fades as
-        ``sigma``.  "prediction" with ``score_ratio`` 40 and ``step_lr`` 3e-5 gave the best
-        1-sample Table 1 rates (benchmarks/results/xrd_table1_prediction_ratio.md).
+        ``sigma``.  "prediction" with ``score_ratio`` 60 and ``step_lr`` 4e-5 gave the best
+        1-sample Table 1 rates, 95.3% / 94.8% over 400 samples on a well-trained prior
+        (benchmarks/results/xrd_table1_prediction_ratio*.md); on Carbon-24 it did worse
+        than the default.
     expected_intensity : bool
         Guidance compares the posterior expectation ``E|F|^2`` with the measured
         intensities (default).  False uses the paper's Eq. (40), ``|E F|^2``, which
