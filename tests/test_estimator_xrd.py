@@ -330,3 +330,24 @@ def test_guidance_option_errors(fitted):
         fitted.sample("CoN2OTl", intensities=I, guidance=lambda **kw: 3)
     with pytest.raises(CrystalfitError, match="score_ratio = -1"):
         fitted.sample("CoN2OTl", intensities=I, guidance={"score_ratio": -1})
+
+
+def test_presets_are_valid_and_table1_matches_its_benchmark():
+    """Every preset passes parameter validation; the "table1" preset carries the settings of the committed
+    Table 1 benchmark (training and sampling), so the two cannot drift apart."""
+    import json
+    from pathlib import Path
+
+    for name in ("toy", "table1", "perov_5", "carbon_24", "paper"):
+        XRDGuidedDiffusion.preset(name)._validate_params()
+    with pytest.raises(CrystalfitError, match="unknown preset 'tabel1'"):
+        XRDGuidedDiffusion.preset("tabel1")
+    bench = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+                        / "xrd_table1_prediction_ratio.json").read_text())
+    params = XRDGuidedDiffusion.preset("table1").get_params()
+    for key in ("max_epochs", "batch_size", "n_steps", "step_lr", "ratio_reference", "learn_lattice",
+                "polar_lattice", "learning_rate", "zero_variance", "expected_intensity"):
+        assert params[key] == bench["model"]["params"][key], key
+    best = max(bench["settings"]["score_ratio"],
+               key=lambda r: min(bench["results"][f"guided 1:{r:g}"].values()))
+    assert params["score_ratio"] == best
