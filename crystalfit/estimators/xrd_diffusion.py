@@ -117,7 +117,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         less than DiffCSP's 1000 steps.  With a well-trained prior, 3e-5 at 100 steps
         paired with ``score_ratio`` 15 gave 89% / 83% on Crystal-1/2
         (benchmarks/results/xrd_table1_corrector3e-5.md), and 4e-5 with
-        ``ratio_reference="prediction"`` and ratio 60 gave 95.3% / 94.8%; with an undertrained one
+        ``ratio_reference="prediction"`` and ratio 60 gave 95.2% / 94.3%; with an undertrained one
         it pins the prior's mistakes, hence the default 1e-5
         (docs/xrd_guided_diffusion.md).
     zero_variance : bool
@@ -131,7 +131,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         ``score / sqrt(lambda_t)`` (the paper's ``max|eps_hat_X|`` read as DiffCSP's
         ``pred_x``), with which the guidance is strong at high noise and fades as
         ``sigma``.  "prediction" with ``score_ratio`` 60 and ``step_lr`` 4e-5 gave the best
-        1-sample Table 1 rates, 95.3% / 94.8% over 400 samples on a well-trained prior
+        1-sample Table 1 rates, 95.2% / 94.3% over 600 samples on a well-trained prior
         (benchmarks/results/xrd_table1_prediction_ratio*.md); on Carbon-24 it did worse
         than the default.
     expected_intensity : bool
@@ -241,7 +241,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         """Settings used in the benchmarks: "toy" (Crystal-1/2 experiments: fixed lattice, so
         :meth:`sample` needs ``lattice=``; pass ``learn_lattice=True`` for joint generation), "table1"
         (Crystal-1/2 with the lattice generated: the 600-epoch training and the sampling settings of
-        benchmarks/results/xrd_table1_prediction_ratio*.md, 95% per crystal; about 40 min of
+        benchmarks/results/xrd_table1_prediction_ratio*.md, 95.2% / 94.3%; about 40 min of
         training on 2 CPU cores), "perov_5", "carbon_24", "paper" (the paper's 512x6 network and
         full 1000-step grid)."""
         presets = {
