@@ -41,11 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from crystalfit.diffusion.torus import wrapped_normal_sigma_norm
 from crystalfit.exceptions import CrystalfitError, NonFiniteError, ShapeError
 from crystalfit.xrd.form_factors import check_numbers
 from crystalfit.xrd.intensities import structure_factor_intensities
-
-from crystalfit.diffusion.torus import wrapped_normal_sigma_norm
 
 from .tweedie import periodic_tweedie_moments
 
