@@ -435,6 +435,8 @@ def csp(args) -> None:
           + (f", chosen on a separate validation split of {n_val} structures (held out from training, disjoint "
              f"from the test split) among 1:" + ", 1:".join(f"{r:g}" for r in args.score_ratio)
              if valid else "")
+          + (" (measured against the network's normalised output, ratio_reference='prediction')"
+             if args.ratio_reference == "prediction" else "")
           + ("; lattice of each test structure given to sample() (model trained with learned lattices), "
              "the paper generates it" if args.fixed_lattice else "")
           + ("; cells Niggli-reduced on loading (train and test), as DiffCSP's data pipeline"
