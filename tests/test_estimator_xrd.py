@@ -350,3 +350,13 @@ def test_presets_are_valid_and_table1_matches_its_benchmark():
     best = max(bench["settings"]["score_ratio"],
                key=lambda r: min(bench["results"][f"guided 1:{r:g}"].values()))
     assert params["score_ratio"] == best
+    # the CSP presets carry the settings of their committed benchmarks (Carbon-24: the validation-chosen ratio)
+    for name, stem, ratio_key in (("perov_5", "xrd_csp_perov_5_niggli", None),
+                                  ("carbon_24", "xrd_csp_carbon_24_niggli_val", "chosen_score_ratio")):
+        bench = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{stem}.json").read_text())
+        params = XRDGuidedDiffusion.preset(name).get_params()
+        for key in ("max_epochs", "batch_size", "n_steps", "step_lr", "learn_lattice", "polar_lattice",
+                    "learning_rate", "zero_variance", "expected_intensity"):
+            assert params[key] == bench["model"]["params"][key], (name, key)
+        ratio = bench[ratio_key] if ratio_key else bench["settings"]["score_ratio"][0]
+        assert params["score_ratio"] == ratio, name

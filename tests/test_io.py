@@ -8,7 +8,6 @@ from ase.build import bulk
 from crystalfit.data import CrystalBatch
 from crystalfit.exceptions import (
     CIFParseError,
-    CrystalfitError,
     DegenerateCellError,
     DisorderedStructureError,
     EmptyStructureError,

@@ -242,14 +242,17 @@ class XRDGuidedDiffusion(CrystalEstimator):
         :meth:`sample` needs ``lattice=``; pass ``learn_lattice=True`` for joint generation), "table1"
         (Crystal-1/2 with the lattice generated: the 600-epoch training and the sampling settings of
         benchmarks/results/xrd_table1_prediction_ratio*.md, 95.2% / 94.3%; about 40 min of
-        training on 2 CPU cores), "perov_5", "carbon_24", "paper" (the paper's 512x6 network and
-        full 1000-step grid)."""
+        training on 2 CPU cores), "perov_5" and "carbon_24" (the settings of
+        benchmarks/results/xrd_csp_perov_5_niggli.md and xrd_csp_carbon_24_niggli_val.md, the
+        Carbon-24 score ratio chosen on a validation split; both trained on Niggli-reduced cells,
+        ``load_dataset(..., reduce="niggli")``), "paper" (the paper's 512x6 network and full
+        1000-step grid)."""
         presets = {
             "toy": dict(max_epochs=150, batch_size=64, n_steps=100, score_ratio=10.0, learn_lattice=False),
             "table1": dict(max_epochs=600, batch_size=64, n_steps=100, score_ratio=60.0, step_lr=4e-5,
                            ratio_reference="prediction"),
-            "perov_5": dict(max_epochs=300, batch_size=256, n_steps=200, score_ratio=3.0, step_lr=5e-7),
-            "carbon_24": dict(max_epochs=300, batch_size=128, n_steps=200, score_ratio=3.0, step_lr=5e-6),
+            "perov_5": dict(max_epochs=200, batch_size=64, n_steps=100, score_ratio=3.0, step_lr=5e-7),
+            "carbon_24": dict(max_epochs=300, batch_size=64, n_steps=100, score_ratio=6.0, step_lr=5e-6),
             "paper": dict(
                 network=dict(hidden_scalars=512, hidden_vectors=64, n_layers=6),
                 n_steps=1000, max_epochs=3000, batch_size=1024,
