@@ -10,7 +10,7 @@ from crystalfit.cli import main
 def test_demo_writes_results_structures_and_png(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "--n-train", "32", "--epochs", "1", "--steps", "3", "--n-samples", "2", "--threads", "1", "--candidates", "2",
-               "--step-lr", "3e-5", "--output", str(out)])
+               "--ranked-samples", "1", "--step-lr", "3e-5", "--output", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "crystal-2" in printed
@@ -21,6 +21,9 @@ def test_demo_writes_results_structures_and_png(tmp_path, capsys):
     assert set(res["guided_ranked"]) == {"crystal-1", "crystal-2"} and "best of 2" in printed
     assert res["settings"]["n_train"] == 32 and res["settings"]["n_samples"] == 2
     assert res["settings"]["step_lr"] == 3e-5  # read back from the fitted model, so the option reached it
+    assert res["settings"]["epochs"] == 1 and res["settings"]["ranked_samples"] == 1
+    assert res["settings"]["network"]["lmax"] == 1  # the toy preset's network
+    assert res["seconds"]["total"] >= res["seconds"]["fit"] > 0
     for name in ("crystal-1", "crystal-2"):
         frames = ase.io.read(out / f"guided_{name}.extxyz", index=":")
         assert len(frames) == 2 and sorted(frames[0].get_chemical_symbols()) == ["Co", "N", "N", "O", "Tl"]

@@ -238,8 +238,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
     # ----------------------------------------------------------------- presets
     @classmethod
     def preset(cls, name: str, **overrides) -> "XRDGuidedDiffusion":
-        """Settings used in the benchmarks: "toy" (Crystal-1/2 experiments: fixed lattice, so
-        :meth:`sample` needs ``lattice=``; pass ``learn_lattice=True`` for joint generation), "table1"
+        """Settings used in the benchmarks: "toy" (``crystalfit demo``: Crystal-1/2 with a short
+        training, about 5 min on 2 cores; fixed lattice, so :meth:`sample` needs ``lattice=``), "table1"
         (Crystal-1/2 with the lattice generated: the 600-epoch training and the sampling settings of
         benchmarks/results/xrd_table1_prediction_ratio*.md, 95.2% / 94.3%; about 40 min of
         training on 2 CPU cores), "perov_5" and "carbon_24" (the settings of
@@ -248,7 +248,9 @@ class XRDGuidedDiffusion(CrystalEstimator):
         ``load_dataset(..., reduce="niggli")``), "paper" (the paper's 512x6 network and full
         1000-step grid)."""
         presets = {
-            "toy": dict(max_epochs=150, batch_size=64, n_steps=100, score_ratio=10.0, learn_lattice=False),
+            # crystalfit demo's: lmax 1 (1.5x less time per step than lmax 2) and a 3x higher learning rate
+            "toy": dict(max_epochs=120, batch_size=64, learning_rate=3e-3, network=dict(lmax=1), n_steps=100,
+                        score_ratio=10.0, learn_lattice=False),
             "table1": dict(max_epochs=600, batch_size=64, n_steps=100, score_ratio=60.0, step_lr=4e-5,
                            ratio_reference="prediction"),
             "perov_5": dict(max_epochs=200, batch_size=64, n_steps=100, score_ratio=3.0, step_lr=5e-7),
