@@ -14,6 +14,7 @@ from crystalfit.diffusion import (
     wrap01,
     wrapped_normal_d2_log_p,
     wrapped_normal_d_log_p,
+    wrapped_normal_kernel_moments,
     wrapped_normal_log_density,
     wrapped_normal_sigma_norm,
 )
@@ -348,3 +349,26 @@ def test_torus_errors(torus):
         torus.q_sample(torch.zeros(4, 3), 0.1, torch.zeros(2, 3))
     with pytest.raises(ShapeError, match=r"t has shape \(3,\), expected \(4,\)"):
         torus.training_target(torch.zeros(4, 3), torch.tensor([1, 2, 3]))
+
+
+def test_kernel_moments_match_a_slow_image_loop():
+    """The shared image-sum moments (score, its derivative and the Tweedie formulas use them)
+    against a plain Python loop over images in float64, at any shift of x by whole periods."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-2.0, 2.0, 40)
+    sig = np.exp(rng.uniform(np.log(0.005), np.log(0.5), 40))
+    mu, var, k3, s_out = wrapped_normal_kernel_moments(torch.tensor(x), torch.tensor(sig), 10)
+    for i in range(len(x)):
+        y = x[i] - round(x[i])
+        eta = np.array([(y + k) / sig[i] for k in range(-10, 11)])
+        w = np.exp(-0.5 * eta**2 - np.max(-0.5 * eta**2))
+        w /= w.sum()
+        m = float(w @ eta)
+        assert mu[i].item() == pytest.approx(m, rel=1e-10, abs=1e-10)
+        assert var[i].item() == pytest.approx(float(w @ (eta - m) ** 2), rel=1e-9, abs=1e-12)
+        assert k3[i].item() == pytest.approx(float(w @ (eta - m) ** 3), rel=1e-8, abs=1e-10)
+    np.testing.assert_allclose(s_out.numpy(), sig)
+    # the score and its derivative are these moments
+    np.testing.assert_allclose(wrapped_normal_d_log_p(torch.tensor(x), torch.tensor(sig)).numpy(), (mu / s_out).numpy())
+    np.testing.assert_allclose(wrapped_normal_d2_log_p(torch.tensor(x), torch.tensor(sig)).numpy(),
+                               ((var - 1) / s_out**2).numpy())

@@ -18,6 +18,7 @@ from crystalfit.diffusion.torus import (
     wrap01,
     wrapped_normal_d2_log_p,
     wrapped_normal_d_log_p,
+    wrapped_normal_kernel_moments,
     wrapped_normal_log_density,
     wrapped_normal_sigma_norm,
 )
@@ -31,5 +32,6 @@ __all__ = [
     "wrapped_normal_log_density",
     "wrapped_normal_d_log_p",
     "wrapped_normal_d2_log_p",
+    "wrapped_normal_kernel_moments",
     "wrapped_normal_sigma_norm",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "wrapped_normal_log_density",
     "wrapped_normal_d_log_p",
     "wrapped_normal_d2_log_p",
+    "wrapped_normal_kernel_moments",
     "wrapped_normal_sigma_norm",
     "WrappedNormalTorus",
 ]
@@ -58,20 +59,40 @@ def wrap01(x: Tensor) -> Tensor:
     return torch.where(out >= 1.0, out - 1.0, out)
 
 
-def _image_terms(x: Tensor, sigma: Tensor | float, n_images: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Displacements ``z_i = y + i`` (``y`` = x reduced to [-0.5, 0.5]), exponents and sigma.
+def _etas(x: Tensor, sigma: Tensor | float, n_images: int) -> tuple[Tensor, Tensor]:
+    """Scaled image displacements ``eta_k = (y + k) / sigma``, ``k = -n..n``, on a leading axis.
 
-    Returns ``z`` (..., 2n+1), ``a = -z^2 / (2 sigma^2)`` (..., 2n+1) and ``sigma``
-    broadcast to ``x`` with a trailing axis (..., 1).
+    ``y`` is ``x`` reduced to [-0.5, 0.5] (the gradient of round is zero, so
+    ``dy/dx = 1``).  Returns ``eta`` (2n+1, *shape) and ``sigma`` broadcast to ``x``.
+    Images on the leading axis give contiguous slabs, ~5x faster than a tiny last axis.
     """
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     x, sigma = torch.broadcast_tensors(x, sigma)
-    y = x - torch.round(x)  # gradient of round is zero, so dy/dx = 1
-    k = torch.arange(-n_images, n_images + 1, dtype=x.dtype, device=x.device)
-    z = y.unsqueeze(-1) + k
-    s = sigma.unsqueeze(-1)
-    a = -0.5 * (z / s) ** 2
-    return z, a, s
+    y = x - torch.round(x)
+    k = torch.arange(-n_images, n_images + 1, dtype=x.dtype, device=x.device).view(-1, *([1] * x.dim()))
+    return (y + k) / sigma, sigma
+
+
+def wrapped_normal_kernel_moments(x: Tensor, sigma: Tensor | float, n_images: int = 10
+                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Moments of the image weights of ``WN(0, sigma^2)`` at ``x``: the one image sum behind
+    the score, its derivative (here) and the periodic Tweedie formulas (:mod:`crystalfit.guidance.tweedie`).
+
+    With ``eta_k = (y + k) / sigma`` and softmax weights ``w_k ~ exp(-eta_k^2 / 2)``
+    (``y`` = x reduced to [-0.5, 0.5]): returns ``mu = E_w[eta]``, ``var = Var_w[eta]``,
+    ``k3 = E_w[(eta - mu)^3]`` (centred, free of cancellation) and ``sigma`` broadcast to ``x``.
+    Then ``d/dx log p = -mu / sigma`` and ``d^2/dx^2 log p = (var - 1) / sigma^2``.
+    """
+    eta, sigma = _etas(x, sigma, n_images)
+    a = -0.5 * eta * eta
+    w = torch.exp(a - a.max(0).values)
+    w = w / w.sum(0)
+    mu = (w * eta).sum(0)
+    d = eta - mu
+    wd = w * d
+    var = (wd * d).sum(0)
+    k3 = (wd * d * d).sum(0)
+    return mu, var, k3, sigma
 
 
 def wrapped_normal_log_density(x: Tensor, sigma: Tensor | float, n_images: int = 10) -> Tensor:
@@ -88,8 +109,8 @@ def wrapped_normal_log_density(x: Tensor, sigma: Tensor | float, n_images: int =
     -------
     Tensor, broadcast shape: ``log sum_i N(x + i; 0, sigma^2)`` (normalised on [0, 1)).
     """
-    z, a, s = _image_terms(x, sigma, n_images)
-    return torch.logsumexp(a, dim=-1) - torch.log(s.squeeze(-1)) - _LOG_SQRT_2PI
+    eta, sigma = _etas(x, sigma, n_images)
+    return torch.logsumexp(-0.5 * eta * eta, dim=0) - torch.log(sigma) - _LOG_SQRT_2PI
 
 
 def wrapped_normal_d_log_p(x: Tensor, sigma: Tensor | float, n_images: int = 10) -> Tensor:
@@ -107,9 +128,8 @@ def wrapped_normal_d_log_p(x: Tensor, sigma: Tensor | float, n_images: int = 10)
     -------
     Tensor, broadcast shape, units 1/(fractional length).
     """
-    z, a, s = _image_terms(x, sigma, n_images)
-    w = torch.softmax(a, dim=-1)
-    return (w * z).sum(-1) / (s.squeeze(-1) ** 2)
+    mu, _, _, sigma = wrapped_normal_kernel_moments(x, sigma, n_images)
+    return mu / sigma
 
 
 def wrapped_normal_d2_log_p(x: Tensor, sigma: Tensor | float, n_images: int = 10) -> Tensor:
@@ -130,12 +150,8 @@ def wrapped_normal_d2_log_p(x: Tensor, sigma: Tensor | float, n_images: int = 10
     Tensor, broadcast shape, units 1/(fractional length)^2.  Equals ``d score / dx``
     and ``-d(d_log_p)/dx``.
     """
-    z, a, s = _image_terms(x, sigma, n_images)
-    w = torch.softmax(a, dim=-1)
-    mean = (w * z).sum(-1, keepdim=True)
-    var = (w * (z - mean) ** 2).sum(-1)
-    s2 = s.squeeze(-1) ** 2
-    return -1.0 / s2 + var / (s2 * s2)
+    _, var, _, sigma = wrapped_normal_kernel_moments(x, sigma, n_images)
+    return (var - 1.0) / (sigma * sigma)
 
 
 @lru_cache(maxsize=16)

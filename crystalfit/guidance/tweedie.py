@@ -76,6 +76,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from crystalfit.diffusion.torus import wrapped_normal_kernel_moments
 from crystalfit.exceptions import CrystalfitError
 
 __all__ = ["periodic_tweedie_moments", "tweedie_lhs", "wrapped_normal_log_derivatives"]
@@ -106,24 +107,14 @@ def _gauss_hermite(n: int, device) -> tuple[Tensor, Tensor]:
 def _kernel_terms(y: Tensor, sigma: Tensor, n_images: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Dimensionless derivatives of ``g = log WN(y; 0, sigma^2)`` (image sums).
 
-    With ``eta_k = (y + k)/sigma`` and softmax weights ``w_k ~ exp(-eta_k^2/2)``:
+    With ``eta_k = (y + k)/sigma`` and softmax weights ``w_k ~ exp(-eta_k^2/2)``
+    (moments from :func:`crystalfit.diffusion.torus.wrapped_normal_kernel_moments`):
     ``Q1 = sigma g' = -E_w[eta]``, ``Q2 = sigma^2 (g'' + g'^2) = E_w[eta^2] - 1`` and
     their derivatives with respect to ``eta = y/sigma``:
     ``Q1' = Var_w - 1`` and ``Q2' = -kappa3 - 2 mu Var_w + 2 mu`` (centred moments,
     free of cancellation).
     """
-    yw = y - torch.round(y)
-    # images on the leading axis: contiguous slabs, ~5x faster than a tiny last axis
-    k = torch.arange(-n_images, n_images + 1, dtype=y.dtype, device=y.device).view(-1, *([1] * y.dim()))
-    eta = (yw + k) / sigma
-    a = -0.5 * eta * eta
-    w = torch.exp(a - a.max(0).values)
-    w = w / w.sum(0)
-    mu = (w * eta).sum(0)
-    d = eta - mu
-    wd = w * d
-    var = (wd * d).sum(0)
-    k3 = (wd * d * d).sum(0)
+    mu, var, k3, _ = wrapped_normal_kernel_moments(y, sigma, n_images)
     q1 = -mu
     q2 = var + mu * mu - 1.0
     dq1 = var - 1.0
