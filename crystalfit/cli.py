@@ -19,7 +19,8 @@ cores (2026-12-01, 6.5 min in all, 303 s of it fitting): 39% / 7% unguided, 87% 
 guided and 100% / 52.5% guided best of 8 (Crystal-1 / Crystal-2).  Crystal-2 needs a better
 trained prior: its intensities are nearly those of the arrangement with O and N swapped
 (Z = 8 and 7), so the prior has to tell them apart; ``preset("table1")`` (600 epochs, about
-40 min) reaches 95% / 94% for one guided sample (benchmarks/results/xrd_table1_prediction_ratio*.md).
+40 min) reached 95% / 94% for one guided sample with one training seed and 97 / 74%, 85 / 10%
+with two others (benchmarks/results/xrd_table1_prediction_ratio*.md, xrd_table1_replicate_seed*.md).
 """
 from __future__ import annotations
 

@@ -241,7 +241,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         """Settings used in the benchmarks: "toy" (``crystalfit demo``: Crystal-1/2 with a short
         training, about 5 min on 2 cores; fixed lattice, so :meth:`sample` needs ``lattice=``), "table1"
         (Crystal-1/2 with the lattice generated: the 600-epoch training and the sampling settings of
-        benchmarks/results/xrd_table1_prediction_ratio*.md, 95.2% / 94.3%; about 40 min of
+        benchmarks/results/xrd_table1_prediction_ratio*.md, 95.2% / 94.3% for training seed 0, 97 / 74%
+        and 85 / 10% for seeds 40 and 50 (xrd_table1_replicate_seed*.md); about 40-60 min of
         training on 2 CPU cores), "perov_5" and "carbon_24" (the settings of
         benchmarks/results/xrd_csp_perov_5_niggli.md and xrd_csp_carbon_24_niggli_val.md, the
         Carbon-24 score ratio chosen on a validation split; both trained on Niggli-reduced cells,
