@@ -82,6 +82,19 @@ def wrapped_normal_kernel_moments(x: Tensor, sigma: Tensor | float, n_images: in
     (``y`` = x reduced to [-0.5, 0.5]): returns ``mu = E_w[eta]``, ``var = Var_w[eta]``,
     ``k3 = E_w[(eta - mu)^3]`` (centred, free of cancellation) and ``sigma`` broadcast to ``x``.
     Then ``d/dx log p = -mu / sigma`` and ``d^2/dx^2 log p = (var - 1) / sigma^2``.
+
+    Parameters
+    ----------
+    x : Tensor, any shape, fractional units (any real value; periodic)
+    sigma : Tensor or float, broadcastable to ``x``, > 0 (fractional units)
+    n_images : int
+        Images on each side of the truncated sum (``2 n + 1`` terms).
+
+    Returns
+    -------
+    mu, var, k3 : Tensor, broadcast shape of ``x`` and ``sigma``, dimensionless
+        (``eta`` is in units of ``sigma``).
+    sigma : Tensor, ``sigma`` broadcast to that shape.
     """
     eta, sigma = _etas(x, sigma, n_images)
     a = -0.5 * eta * eta

@@ -117,7 +117,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         less than DiffCSP's 1000 steps.  With a well-trained prior, 3e-5 at 100 steps
         paired with ``score_ratio`` 15 gave 89% / 83% on Crystal-1/2
         (benchmarks/results/xrd_table1_corrector3e-5.md), and 4e-5 with
-        ``ratio_reference="prediction"`` and ratio 60 gave 95.2% / 94.3%; with an undertrained one
+        ``ratio_reference="prediction"`` and ratio 60 gave 95.2% / 94.3% (one training seed; two
+        others gave 97 / 74% and 85 / 10%, xrd_table1_replicate_seed*.md); with an undertrained one
         it pins the prior's mistakes, hence the default 1e-5
         (docs/xrd_guided_diffusion.md).
     zero_variance : bool
@@ -132,8 +133,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         ``pred_x``), with which the guidance is strong at high noise and fades as
         ``sigma``.  "prediction" with ``score_ratio`` 60 and ``step_lr`` 4e-5 gave the best
         1-sample Table 1 rates, 95.2% / 94.3% over 600 samples on a well-trained prior
-        (benchmarks/results/xrd_table1_prediction_ratio*.md); on Carbon-24 it did worse
-        than the default.
+        (benchmarks/results/xrd_table1_prediction_ratio*.md; one training seed, two others
+        gave 97 / 74% and 85 / 10%); on Carbon-24 it did worse than the default.
     expected_intensity : bool
         Guidance compares the posterior expectation ``E|F|^2`` with the measured
         intensities (default).  False uses the paper's Eq. (40), ``|E F|^2``, which
