@@ -177,6 +177,9 @@ def main(argv=None) -> int:
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     demo.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.ranked_samples < 1:
+        parser.error(f"--ranked-samples must be >= 1, got {args.ranked_samples}; use --candidates 1 to skip "
+                     "the best-of-K column")
     if args.command == "demo":
         return _demo(args)
     return 2  # pragma: no cover

@@ -36,3 +36,9 @@ def test_demo_rejects_unknown_option(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--no-such-option"])
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_demo_rejects_no_ranked_samples(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--ranked-samples", "0"])
+    assert "--ranked-samples must be >= 1, got 0" in capsys.readouterr().err
