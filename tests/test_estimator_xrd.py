@@ -341,8 +341,8 @@ def test_presets_are_valid_and_table1_matches_its_benchmark():
         XRDGuidedDiffusion.preset(name)._validate_params()
     with pytest.raises(CrystalfitError, match="unknown preset 'tabel1'"):
         XRDGuidedDiffusion.preset("tabel1")
-    bench = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-                        / "xrd_table1_prediction_ratio.json").read_text())
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    bench = json.loads((results / "xrd_table1_prediction_ratio.json").read_text())
     params = XRDGuidedDiffusion.preset("table1").get_params()
     for key in ("max_epochs", "batch_size", "n_steps", "step_lr", "ratio_reference", "learn_lattice",
                 "polar_lattice", "learning_rate", "zero_variance", "expected_intensity"):
@@ -353,7 +353,7 @@ def test_presets_are_valid_and_table1_matches_its_benchmark():
     # the CSP presets carry the settings of their committed benchmarks (Carbon-24: the validation-chosen ratio)
     for name, stem, ratio_key in (("perov_5", "xrd_csp_perov_5_niggli", None),
                                   ("carbon_24", "xrd_csp_carbon_24_niggli_val", "chosen_score_ratio")):
-        bench = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{stem}.json").read_text())
+        bench = json.loads((results / f"{stem}.json").read_text())
         params = XRDGuidedDiffusion.preset(name).get_params()
         for key in ("max_epochs", "batch_size", "n_steps", "step_lr", "learn_lattice", "polar_lattice",
                     "learning_rate", "zero_variance", "expected_intensity"):
