@@ -16,7 +16,9 @@ crystal; not the paper's 1-sample protocol).
 The training is ``preset("toy")``: 120 epochs of a network with ``lmax=1`` (1.5x less time
 per step than the default ``lmax=2``) at learning rate 3e-3, about 5 min.  Measured on 2
 cores (2026-12-01, 6.5 min in all, 303 s of it fitting): 39% / 7% unguided, 87% / 10%
-guided and 100% / 52.5% guided best of 8 (Crystal-1 / Crystal-2).  Crystal-2 needs a better
+guided and 100% / 52.5% guided best of 8 (Crystal-1 / Crystal-2); a second run from a fresh
+clone, same training loss: 75% / 10% guided, 100% / 60% best of 8 (guided sampling on 2
+threads is not bit-reproducible between runs).  Crystal-2 needs a better
 trained prior: its intensities are nearly those of the arrangement with O and N swapped
 (Z = 8 and 7), so the prior has to tell them apart; ``preset("table1")`` (600 epochs, about
 40 min) reached 95% / 94% for one guided sample with one training seed and 97 / 74%, 85 / 10%
