@@ -360,3 +360,66 @@ def test_presets_are_valid_and_table1_matches_its_benchmark():
             assert params[key] == bench["model"]["params"][key], (name, key)
         ratio = bench[ratio_key] if ratio_key else bench["settings"]["score_ratio"][0]
         assert params["score_ratio"] == ratio, name
+
+
+def test_parameter_ema_matches_slow_recursion():
+    from crystalfit.estimators.base import ParameterEMA
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    ema = ParameterEMA(lin, 0.9)
+    ref = [p.detach().double().clone() for p in lin.parameters()]
+    for n in range(1, 40):
+        with torch.no_grad():
+            for p in lin.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(lin)
+        d = min(0.9, (1 + n) / (10 + n))
+        ref = [d * r + (1 - d) * p.detach().double() for r, p in zip(ref, lin.parameters())]
+    for s, r in zip(ema.shadow, ref):
+        assert torch.allclose(s.double(), r, atol=1e-6)
+    ema.copy_to(lin)
+    for p, r in zip(lin.parameters(), ref):
+        assert torch.allclose(p.double(), r, atol=1e-6)
+    with pytest.raises(CrystalfitError, match="ema_decay must be in \\[0, 1\\), got 1.0"):
+        ParameterEMA(lin, 1.0)
+
+
+def test_fit_with_ema_keeps_the_average_of_the_iterates(data, monkeypatch):
+    """Same optimiser path with and without EMA; the EMA fit ends on the warm-up EMA of its iterates."""
+    from crystalfit.estimators import base
+
+    start, iterates = [], []
+    orig_init, orig_update = base.ParameterEMA.__init__, base.ParameterEMA.update
+
+    def init(self, module, decay):
+        start.extend(p.detach().double().clone() for p in module.parameters())
+        orig_init(self, module, decay)
+
+    def update(self, module):
+        iterates.append([p.detach().double().clone() for p in module.parameters()])
+        orig_update(self, module)
+
+    monkeypatch.setattr(base.ParameterEMA, "__init__", init)
+    monkeypatch.setattr(base.ParameterEMA, "update", update)
+    plain = _model().fit(data)
+    assert not start  # ema_decay=0 builds no average
+    averaged = _model(ema_decay=0.5).fit(data)
+    assert not hasattr(averaged, "_ema")
+    assert plain.history_ == averaged.history_  # the average does not change the optimiser's path
+    last = [p.detach().double() for p in plain.module_.parameters()]
+    assert len(iterates) == 2 * 2  # 2 epochs of 64 structures in batches of 32
+    assert all(torch.equal(a, b) for a, b in zip(last, iterates[-1]))
+    ref = start
+    for n, it in enumerate(iterates, start=1):
+        d = min(0.5, (1 + n) / (10 + n))
+        ref = [d * r + (1 - d) * p for r, p in zip(ref, it)]
+    got = [p.detach().double() for p in averaged.module_.parameters()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, ref))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, last))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), "0.9", True])
+def test_ema_decay_validated(data, bad):
+    with pytest.raises(CrystalfitError, match="ema_decay must be a float in \\[0, 1\\)"):
+        _model(ema_decay=bad).fit(data)

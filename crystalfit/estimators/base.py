@@ -78,6 +78,35 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return gen
 
 
+class ParameterEMA:
+    """Exponential moving average of a module's parameters.
+
+    After the ``n``-th update the average is ``s <- d_n s + (1 - d_n) p`` with
+    ``d_n = min(decay, (1 + n) / (10 + n))``: the usual warm-up (as TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates``), so the first iterates, far from
+    the optimum, are forgotten quickly.  Buffers are not averaged.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        if not 0.0 <= float(decay) < 1.0:
+            raise CrystalfitError(f"ema_decay must be in [0, 1), got {decay!r}; e.g. 0.999, or 0 to switch it off")
+        self.decay = float(decay)
+        self.n_updates = 0
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.n_updates += 1
+        d = min(self.decay, (1.0 + self.n_updates) / (10.0 + self.n_updates))
+        for s, p in zip(self.shadow, module.parameters()):
+            s.lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for s, p in zip(self.shadow, module.parameters()):
+            p.copy_(s)
+
+
 def _jsonable(value):
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -181,6 +210,7 @@ class CrystalEstimator(BaseEstimator):
         plateau_factor: float = 0.6,
         plateau_patience: int = 30,
         min_lr: float = 1e-4,
+        ema_decay: float = 0.0,
     ) -> None:
         """Shared mini-batch training loop (Adam + ReduceLROnPlateau, DiffCSP defaults).
 
@@ -190,10 +220,16 @@ class CrystalEstimator(BaseEstimator):
         loss_fn : callable(index (b,) long tensor, generator) -> scalar loss
             for the mini-batch of those items.
         generator : torch.Generator for shuffling (CPU).
+        ema_decay : float in [0, 1)
+            0 keeps the last optimiser iterate (DiffCSP).  Otherwise the fitted
+            weights are the exponential moving average of the iterates over the
+            whole training, updated after every optimiser step (see :class:`ParameterEMA`).
         """
         module = self.module_
         module.train()
         opt = torch.optim.Adam(module.parameters(), lr=float(self.learning_rate))
+        ema = ParameterEMA(module, ema_decay) if ema_decay > 0 else None
+        self._ema = ema  # visible during training (progress tracking); removed at the end
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, factor=plateau_factor, patience=plateau_patience, min_lr=min(min_lr, float(self.learning_rate))
         )
@@ -220,12 +256,17 @@ class CrystalEstimator(BaseEstimator):
                 if grad_clip_value is not None:
                     torch.nn.utils.clip_grad_value_(module.parameters(), grad_clip_value)
                 opt.step()
+                if ema is not None:
+                    ema.update(module)
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
             epoch_loss = total / max(count, 1)
             history.append(epoch_loss)
             sched.step(epoch_loss)
             bar.set_postfix(loss=f"{epoch_loss:.4g}")
+        if ema is not None:
+            ema.copy_to(module)
+        del self._ema
         module.eval()
         self.history_ = history
         self.n_epochs_ = len(history)

@@ -106,6 +106,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
         2 network calls per step).  ``1000`` is the paper's full grid.
     max_epochs, batch_size, learning_rate : training settings (Adam, ReduceLROnPlateau
         factor 0.6 / patience 30, gradient clipping by value 0.5, as DiffCSP).
+    ema_decay : float in [0, 1)
+        0 (default) keeps the last optimiser iterate, as DiffCSP.  Otherwise the fitted
+        weights are the exponential moving average of the iterates (decay per optimiser
+        step, with the usual warm-up ``min(decay, (1 + n) / (10 + n))``).
     score_ratio : float
         Guidance strength r: per crystal, max|guidance| = r * max|score| (the paper's 1:r).
     hkl_range : int
@@ -199,6 +203,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         max_epochs: int = 100,
         batch_size: int = 256,
         learning_rate: float = 1e-3,
+        ema_decay: float = 0.0,
         score_ratio: float = 4.0,
         hkl_range: int = 2,
         step_lr: float = 1e-5,
@@ -220,6 +225,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.ema_decay = ema_decay
         self.score_ratio = score_ratio
         self.hkl_range = hkl_range
         self.step_lr = step_lr
@@ -295,6 +301,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
                     or not (np.isfinite(v) and v >= 0):
                 raise CrystalfitError(f"{name} must be a finite float >= 0, got {v!r}; {hint}")
+        e = self.ema_decay
+        if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)) \
+                or not (np.isfinite(e) and 0 <= e < 1):
+            raise CrystalfitError(f"ema_decay must be a float in [0, 1), got {e!r}; e.g. 0.999, or 0 to switch it off")
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
         for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "polar_lattice",
@@ -378,7 +388,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
             t = torch.randint(1, T + 1, (sub.num_crystals,), generator=g, device=device)
             return self._loss(sub, t, g, lattice_p, torus_p)
 
-        self._train(batch.num_crystals, loss_fn, generator=gen)
+        self._train(batch.num_crystals, loss_fn, generator=gen, ema_decay=float(self.ema_decay))
         return self
 
     # ------------------------------------------------------------------- score
