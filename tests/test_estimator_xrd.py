@@ -423,3 +423,24 @@ def test_fit_with_ema_keeps_the_average_of_the_iterates(data, monkeypatch):
 def test_ema_decay_validated(data, bad):
     with pytest.raises(CrystalfitError, match="ema_decay must be a float in \\[0, 1\\)"):
         _model(ema_decay=bad).fit(data)
+
+
+def test_sample_exchange_sites_is_the_public_refinement(fitted):
+    from crystalfit.xrd import exchange_sites
+
+    I = single_crystal_intensities(make_perovskite("crystal-2"))
+    cell = make_perovskite("crystal-2").cell[:]  # the 2-epoch prior's own cells can be degenerate
+    plain = fitted.sample("CoN2OTl", n_samples=6, intensities=I, random_state=3, lattice=cell)
+    refined = fitted.sample("CoN2OTl", n_samples=6, intensities=I, random_state=3, exchange_sites=True, lattice=cell)
+    again = exchange_sites(plain, I)
+    assert sum(r.info["n_exchanges"] for r in refined) > 0  # the untrained prior leaves swaps to make
+    for p, r, a in zip(plain, refined, again):
+        assert r.info["r_factor"] <= r.info["r_factor_before_exchange"] + 1e-12
+        assert r.info["r_factor_before_exchange"] == pytest.approx(p.info["r_factor"], rel=1e-9)
+        assert r.info["n_exchanges"] == a.info["n_exchanges"]
+        np.testing.assert_allclose(r.get_scaled_positions(), a.get_scaled_positions(), atol=1e-9)
+        assert list(r.numbers) == list(p.numbers)
+    with pytest.raises(CrystalfitError, match="exchange_sites=True swaps atoms to fit target intensities"):
+        fitted.sample("CoN2OTl", exchange_sites=True)
+    with pytest.raises(CrystalfitError, match="exchange_sites must be True or False, got 'yes'"):
+        fitted.sample("CoN2OTl", intensities=I, exchange_sites="yes")

@@ -520,6 +520,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         lattice=None,
         random_state=None,
         n_candidates: int = 1,
+        exchange_sites: bool = False,
         guidance=None,
     ) -> list:
         """Generate structures for one or more compositions.
@@ -556,6 +557,15 @@ class XRDGuidedDiffusion(CrystalEstimator):
             crystallographer's "generate, then rank against the data" step; it costs
             ``n_candidates`` times the sampling time.  The paper's protocol is
             ``n_candidates=1`` (the default).
+        exchange_sites : bool
+            With ``intensities``: after sampling (and before ranking candidates),
+            swap pairs of atoms of different elements while a swap lowers the
+            R-factor (:func:`crystalfit.xrd.exchange_sites`, greedy, the same
+            R-factor as above).  Guidance moves atoms continuously and cannot
+            exchange two settled atoms; where two elements scatter alike (O and N
+            in Crystal-2) the prior decides which sits where, and this step lets
+            the data decide.  Not part of the paper's method (default False);
+            about 1 ms per 5-atom structure.
         guidance : dict or callable, optional
             With ``intensities``: how the guidance object the sampler calls is built.
             A dict gives options of :class:`crystalfit.guidance.XRDGuidance` for this
@@ -577,7 +587,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
             ``entry``, ``sample``, ``guided``; guided structures also carry
             ``r_factor`` (agreement with their target intensities, as above),
             ``min_distance`` (shortest distance between two atoms, Angstrom) and
-            ``n_candidates``.
+            ``n_candidates``; with ``exchange_sites`` also ``n_exchanges`` and
+            ``r_factor_before_exchange``.
         """
         self._check_fitted()
         if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
@@ -588,6 +599,12 @@ class XRDGuidedDiffusion(CrystalEstimator):
             raise CrystalfitError(
                 f"n_candidates={n_candidates} ranks candidates by their agreement with target intensities; "
                 "pass intensities= or use n_candidates=1"
+            )
+        if not isinstance(exchange_sites, (bool, np.bool_)):
+            raise CrystalfitError(f"exchange_sites must be True or False, got {exchange_sites!r}")
+        if exchange_sites and intensities is None:
+            raise CrystalfitError(
+                "exchange_sites=True swaps atoms to fit target intensities; pass intensities= or exchange_sites=False"
             )
         if guidance is not None:
             if intensities is None:
@@ -685,8 +702,12 @@ class XRDGuidedDiffusion(CrystalEstimator):
         if target is not None:
             from ..geometry import min_pair_distance
             from ..metrics import best_candidates, r_factor
-            from ..xrd import structure_factor_intensities
+            from ..xrd import exchange_site_positions, structure_factor_intensities
 
+            if exchange_sites:
+                frac, r_before, _, n_swaps = exchange_site_positions(
+                    frac, numbers, lat, batch_idx, hkl, torch.as_tensor(target[entry_of], device=device))
+                r_before, n_swaps = r_before.cpu().numpy(), n_swaps.cpu().numpy()
             i_calc = structure_factor_intensities(frac, numbers, lat, batch_idx, torch.as_tensor(hkl, device=device),
                                                   validate=False)
             r_factors = np.atleast_1d(r_factor(i_calc.cpu().numpy(), target[entry_of], fit_scale=True))
@@ -720,6 +741,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
             if r_factors is not None:
                 info.update(r_factor=float(r_factors[i]), min_distance=float(min_dist[i]),
                             n_candidates=int(n_candidates))
+                if exchange_sites:
+                    info.update(n_exchanges=int(n_swaps[i]), r_factor_before_exchange=float(r_before[i]))
             extra.append(info)
         return batch_to_atoms(out_batch.select(keep), extra)
 

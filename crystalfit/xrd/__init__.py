@@ -4,6 +4,7 @@ Conventions: Miller indices are ordered as :func:`miller_indices` (h slowest);
 ``s = |G|/2`` with reciprocal vectors without 2 pi (no wavelength needed for
 single-crystal intensities); intensities are on the absolute ``|F|^2`` scale.
 """
+from .exchange import exchange_site_positions, exchange_sites
 from .form_factors import form_factor_table, form_factors
 from .intensities import (
     miller_indices,
@@ -13,6 +14,8 @@ from .intensities import (
 )
 
 __all__ = [
+    "exchange_site_positions",
+    "exchange_sites",
     "form_factor_table",
     "form_factors",
     "miller_indices",
