@@ -106,3 +106,15 @@ def test_exchange_sites_errors():
         exchange_sites([atoms], np.zeros(125))
     with pytest.raises(CrystalfitError, match="structures is empty"):
         exchange_sites([], target)
+
+
+def test_validate_false_refines_degenerate_candidates():
+    from crystalfit.exceptions import DegenerateCellError
+
+    flat = make_perovskite("crystal-2")
+    flat.set_cell(np.diag([4.0, 4.0, 0.004]), scale_atoms=True)
+    target = single_crystal_intensities(make_perovskite("crystal-2"))
+    with pytest.raises(DegenerateCellError):
+        exchange_sites([flat], target)
+    out = exchange_sites([flat], target, validate=False)[0]
+    assert out.info["r_factor"] <= out.info["r_factor_before_exchange"]

@@ -152,7 +152,7 @@ def exchange_site_positions(
 
 
 def exchange_sites(structures: Sequence[Any], intensities: Any, *, hkl_range: int = 2,
-                   max_rounds: int | None = None) -> list:
+                   max_rounds: int | None = None, validate: bool = True) -> list:
     """Swap atoms of different elements while the swap improves the fit to the intensities.
 
     Parameters
@@ -164,6 +164,10 @@ def exchange_sites(structures: Sequence[Any], intensities: Any, *, hkl_range: in
     hkl_range : int
     max_rounds : int, optional
         At most this many swaps per structure (default: its number of atoms).
+    validate : bool
+        Check the structures as every reader does (:func:`crystalfit.io.to_atoms`).
+        False refines them as they are, e.g. generated candidates of an
+        undertrained model whose cells may be degenerate.
 
     Returns
     -------
@@ -172,14 +176,17 @@ def exchange_sites(structures: Sequence[Any], intensities: Any, *, hkl_range: in
         ``info["r_factor"]`` (after) and ``info["n_exchanges"]`` are set.
         Species order, the cell and the set of positions are unchanged.
     """
-    from ..io import structures_to_batch
-
     from ase import Atoms
+
+    from ..data import CrystalBatch
+    from ..io import to_atoms
 
     structures = [structures] if isinstance(structures, Atoms) else list(structures)
     if not structures:
         raise CrystalfitError("structures is empty; pass at least one structure")
-    batch = structures_to_batch(structures)
+    atoms_list = [to_atoms(s, i, validate=validate) for i, s in enumerate(structures)]
+    batch = CrystalBatch.from_arrays([a.cell[:] for a in atoms_list], [a.get_scaled_positions() for a in atoms_list],
+                                     [a.numbers for a in atoms_list])
     hkl = miller_indices(hkl_range)
     target = np.asarray(intensities, dtype=float)
     if target.ndim == 1:
@@ -196,12 +203,10 @@ def exchange_sites(structures: Sequence[Any], intensities: Any, *, hkl_range: in
     frac = batch.frac.double()
     new, r0, r1, n_swaps = exchange_site_positions(frac, batch.numbers, batch.lattice.double(), batch.batch, hkl,
                                           torch.as_tensor(target, dtype=torch.float64), max_rounds=max_rounds)
-    from ..io import to_atoms
-
     out = []
     starts = np.concatenate([[0], np.cumsum(batch.num_atoms.numpy())])
-    for k, atoms in enumerate(structures):
-        a = to_atoms(atoms).copy()
+    for k, atoms in enumerate(atoms_list):
+        a = atoms.copy()
         a.set_scaled_positions(new[starts[k]:starts[k + 1]].numpy())
         a.info.update(r_factor_before_exchange=float(r0[k]), r_factor=float(r1[k]), n_exchanges=int(n_swaps[k]))
         out.append(a)
