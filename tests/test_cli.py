@@ -15,7 +15,7 @@ def test_demo_writes_results_structures_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "crystal-2" in printed
     res = json.loads((out / "results.json").read_text())
-    for key in ("guided", "unguided"):
+    for key in ("guided", "unguided", "guided_site_exchange"):
         assert set(res[key]) == {"crystal-1", "crystal-2"}
         assert all(0.0 <= v <= 1.0 for v in res[key].values())
     assert set(res["guided_ranked"]) == {"crystal-1", "crystal-2"} and "best of 2" in printed
@@ -24,10 +24,13 @@ def test_demo_writes_results_structures_and_png(tmp_path, capsys):
     assert res["settings"]["epochs"] == 1 and res["settings"]["ranked_samples"] == 1
     assert res["settings"]["network"]["lmax"] == 1  # the toy preset's network
     assert res["seconds"]["total"] >= res["seconds"]["fit"] > 0
+    assert "+exchange" in printed and res["seconds"]["per_structure_site_exchange"] > 0
     for name in ("crystal-1", "crystal-2"):
         frames = ase.io.read(out / f"guided_{name}.extxyz", index=":")
         assert len(frames) == 2 and sorted(frames[0].get_chemical_symbols()) == ["Co", "N", "N", "O", "Tl"]
         assert (out / f"guided_{name}_0.cif").stat().st_size > 0
+        refined = ase.io.read(out / f"guided_site_exchange_{name}.extxyz", index=":")
+        assert [a.get_chemical_symbols() for a in refined] == [a.get_chemical_symbols() for a in frames]
     assert len(ase.io.read(out / "unguided.extxyz", index=":")) == 2
     assert (out / "intensities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
