@@ -134,6 +134,16 @@ def best_of(pool, intensities, k: int) -> list:
     return [pool[i] for i in best_candidates(R, dmin, k)]
 
 
+def exchanged(structures, intensities, model) -> list:
+    """``structures`` after :func:`crystalfit.xrd.exchange_sites` against their targets (one row each, or one for all)."""
+    return exchange_sites(structures, intensities, hkl_range=model.hkl_range, validate=False)
+
+
+EXCHANGE_NOTE = (" Columns '+ site exchange': the same guided structures after `crystalfit.xrd.exchange_sites` "
+                 "(atoms of different elements swapped while the swap lowers the intensity R-factor; "
+                 "`sample(exchange_sites=True)`); still one structure per target, but a step the paper does not have.")
+
+
 def ranked_note(args) -> str:
     if args.candidates <= 1:
         return ""
@@ -195,7 +205,7 @@ def _crystal12_rates(model, targets, lat, args, guided: bool, candidates: int = 
         rates[name] = float(match_rate(out, [targets[name]] * n, **TOL_TABLE1))
         if exchanged is not None:
             t0 = time.perf_counter()
-            refined = exchange_sites(out, I, hkl_range=model.hkl_range, validate=False)
+            refined = exchanged(out, I, model)
             ex_secs.append((time.perf_counter() - t0) / n)
             exchanged[name] = float(match_rate(refined, [targets[name]] * n, **TOL_TABLE1))
     if exchanged is not None:
@@ -236,11 +246,7 @@ def table1(args) -> None:
               f"corrector step_lr {args.step_lr:g}; score ratio measured against "
               + ("the network's normalised output score/sqrt(lambda_t) (ratio_reference='prediction')."
                  if args.ratio_reference == "prediction" else "the score (ratio_reference='score').")
-              + ranked_note(args)
-              + (" Columns '+ site exchange': the same guided structures after `crystalfit.xrd.exchange_sites` "
-                 "(atoms of different elements swapped while the swap lowers the intensity R-factor; "
-                 "`sample(exchange_sites=True)`); still one structure per target, but a step the paper does not "
-                 "have." if args.exchange_sites else ""))
+              + ranked_note(args) + (EXCHANGE_NOTE if args.exchange_sites else ""))
     write("table1" + _suffix(args), dict(results=res, paper=paper, settings=dict(vars(args), n_train_total=len(train)),
                                          seconds=dict(fit=t_fit, per_structure_unguided=t_ung,
                                                       per_structure_guided=float(np.mean(t_g)),
@@ -278,6 +284,8 @@ def table2(args) -> None:
         model.set_params(score_ratio=r)
         outs[f"guided 1:{r:g}"] = model.sample(["CoN2OTl"] * n, n_samples=1, intensities=I,
                                                random_state=args.seed + 3, **lat)
+        if args.exchange_sites:
+            outs[f"guided 1:{r:g} + site exchange"] = exchanged(outs[f"guided 1:{r:g}"], I, model)
     K = args.candidates
     if K > 1:
         pool = model.sample("CoN2OTl", n_samples=n * K, random_state=args.seed + 4, **lat)
@@ -298,7 +306,7 @@ def table2(args) -> None:
               f"{args.batch_size}), target: Crystal-2 (unseen), intensities of {n} noisy Crystal-2 variants; {mode}; "
               f"{'zero-variance' if args.zero_variance else 'stochastic'} sampling, {args.steps} steps, "
               f"corrector step_lr {args.step_lr:g}."
-              + ranked_note(args)
+              + ranked_note(args) + (EXCHANGE_NOTE if args.exchange_sites else "")
               + " Last row: fraction of structures with Co at Crystal-2's offset from Tl (within 0.1 per "
                 "fractional coordinate, in the generated cell's basis); the heavy atoms dominate the intensities, "
                 "and neither training crystal has this offset.")
@@ -357,6 +365,9 @@ def table_d1(args) -> None:
         model.set_params(score_ratio=float(r))
         guided = model.sample(["Cu6Au2"] * n, n_samples=1, intensities=I, lattice=L, random_state=args.seed + 2)
         res[f"1:{r:g}"] = float(match_rate(guided, targets, stol=0.05, angle_tol=10, ltol=0.3))
+        if args.exchange_sites:
+            res[f"1:{r:g} + site exchange"] = float(match_rate(exchanged(guided, I, model), targets, stol=0.05,
+                                                               angle_tol=10, ltol=0.3))
     K = args.candidates
     if K > 1:
         pool = model.sample("Cu6Au2", n_samples=n * K, lattice=L, random_state=args.seed + 1)
@@ -373,7 +384,7 @@ def table_d1(args) -> None:
           "| paper | " + " | ".join(pct(paper[k]) if k in paper else "-" for k in cols) + " |", "",
           f"Cu3Au 2x FCC supercell (6 Cu + 2 Au), lattice fixed (learn_lattice=False), {len(train)} noisy training "
           f"structures over all 28 placements; each sample conditioned on one superlattice placement's intensities and "
-          f"matched against it (stol 0.05)." + ranked_note(args)]
+          f"matched against it (stol 0.05)." + ranked_note(args) + (EXCHANGE_NOTE if args.exchange_sites else "")]
     write("tableD1" + _suffix(args), dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
 
 
@@ -423,6 +434,8 @@ def csp(args) -> None:
     guided = model.sample(comps, n_samples=1, intensities=I, random_state=args.seed + 1, **lat)
     t_g = model.last_sample_stats_["seconds_per_structure"]
     res = {"unguided": float(match_rate(unguided, test)), "guided": float(match_rate(guided, test))}
+    if args.exchange_sites:
+        res["guided + site exchange"] = float(match_rate(exchanged(guided, I, model), test))
     test_at = {}
     if valid:  # for transparency only: the test rate at every ratio of the sweep (not used for the choice)
         for r in args.score_ratio:
@@ -462,7 +475,8 @@ def csp(args) -> None:
           + ("; lattice of each test structure given to sample() (model trained with learned lattices), "
              "the paper generates it" if args.fixed_lattice else "")
           + ("; cells Niggli-reduced on loading (train and test), as DiffCSP's data pipeline"
-             if args.reduce == "niggli" else "; cells as stored in the csv files") + "." + ranked_note(args),
+             if args.reduce == "niggli" else "; cells as stored in the csv files") + "." + ranked_note(args)
+          + (EXCHANGE_NOTE if args.exchange_sites else ""),
           "", "1-sample match rate by atoms per cell (paper Table C2 for Carbon-24):", "",
           "| atoms | test structures | unguided | guided |", "|---|---|---|---|"]
     md += [f"| {n} | {r['n_test']} | {pct(r['unguided'])} | {pct(r['guided'])} |" for n, r in by_n.items()]
@@ -553,7 +567,7 @@ def main() -> None:
                         "among those without atoms closer than 0.5 A kept (crystalfit.metrics.best_candidates)")
     p.add_argument("--step-lr", type=float, default=1e-5)
     p.add_argument("--exchange-sites", action="store_true",
-                   help="table1: also report the guided structures after crystalfit.xrd.exchange_sites")
+                   help="also report the guided structures after crystalfit.xrd.exchange_sites (table1, table2, d1, csp)")
     p.add_argument("--reduce", choices=["niggli"], default=None,
                    help="csp: Niggli-reduce the cells on loading (DiffCSP's preprocessing); default: as stored")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
