@@ -118,3 +118,28 @@ def test_validate_false_refines_degenerate_candidates():
         exchange_sites([flat], target)
     out = exchange_sites([flat], target, validate=False)[0]
     assert out.info["r_factor"] <= out.info["r_factor_before_exchange"]
+
+
+def test_mixed_sizes_and_chunking_agree_with_one_at_a_time(monkeypatch):
+    from crystalfit.datasets import make_cu3au
+    from crystalfit.xrd import exchange
+
+    rng = np.random.default_rng(3)
+    structures = [_swapped(make_perovskite("crystal-2"), 1, 2), make_cu3au(0), make_perovskite("crystal-1")]
+    for a in structures:
+        a.set_scaled_positions(a.get_scaled_positions() + rng.normal(0, 0.01, (len(a), 3)))
+    targets = np.stack([single_crystal_intensities(make_perovskite("crystal-2")),
+                        single_crystal_intensities(make_cu3au(3)),
+                        single_crystal_intensities(make_perovskite("crystal-3"))])
+    alone = [exchange_sites([a], t)[0] for a, t in zip(structures, targets)]
+    monkeypatch.setattr(exchange, "_CHUNK_ELEMENTS", 125 * 3)  # 3 pairs scored at a time
+    together = exchange_sites(structures, targets)
+    for a, b in zip(alone, together):
+        assert a.info["n_exchanges"] == b.info["n_exchanges"]
+        assert a.info["r_factor"] == pytest.approx(b.info["r_factor"], rel=1e-12)
+        np.testing.assert_allclose(a.get_scaled_positions(), b.get_scaled_positions(), atol=1e-12)
+    assert sum(b.info["n_exchanges"] for b in together) >= 2
+    with pytest.raises(CrystalfitError, match="crystal by crystal"):
+        exchange_site_positions(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([8, 7]),
+                                torch.eye(3, dtype=torch.float64).repeat(2, 1, 1) * 4, torch.tensor([1, 0]),
+                                miller_indices(1), torch.ones(2, 27, dtype=torch.float64))

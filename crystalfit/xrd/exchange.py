@@ -35,11 +35,23 @@ from .intensities import miller_indices
 __all__ = ["exchange_sites", "exchange_site_positions"]
 
 
-def _pairs(numbers: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
-    """All atom pairs ``i < j`` in the same crystal with different elements."""
-    n = numbers.shape[0]
-    i, j = torch.triu_indices(n, n, offset=1, device=numbers.device)
-    keep = (batch[i] == batch[j]) & (numbers[i] != numbers[j])
+def _pairs(numbers: Tensor, batch: Tensor, num_crystals: int) -> tuple[Tensor, Tensor]:
+    """All atom pairs ``i < j`` of one crystal with different elements (atoms stored crystal by crystal).
+
+    Built per crystal from one ``m x m`` upper triangle (``m`` the largest atom count),
+    so the cost is ``B m^2``, not ``N^2`` over the whole batch.
+    """
+    counts = torch.bincount(batch, minlength=num_crystals)
+    m = int(counts.max()) if counts.numel() else 0
+    if m < 2:
+        empty = torch.zeros(0, dtype=torch.long, device=numbers.device)
+        return empty, empty
+    starts = torch.cumsum(counts, 0) - counts
+    li, lj = torch.triu_indices(m, m, offset=1, device=numbers.device)
+    valid = lj[None, :] < counts[:, None]  # (B, m(m-1)/2)
+    i = (starts[:, None] + li[None, :])[valid]
+    j = (starts[:, None] + lj[None, :])[valid]
+    keep = numbers[i] != numbers[j]
     return i[keep], j[keep]
 
 
@@ -48,6 +60,19 @@ def _r_factor(calc: Tensor, obs: Tensor) -> Tensor:
     cc = (calc * calc).sum(-1)
     s = torch.where(cc > 0, (calc * obs).sum(-1) / torch.where(cc > 0, cc, torch.ones_like(cc)), torch.zeros_like(cc))
     return ((s[..., None] * calc - obs) ** 2).sum(-1) / (obs * obs).sum(-1)
+
+
+#: Pair x reflection elements scored at once (bounds the memory of large batches).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _swap_r_factors(f, cos, sin, re, im, target, i, j, b) -> Tensor:
+    """R-factor of crystal ``b`` after swapping the positions of atoms ``i`` and ``j``: the structure
+    factor changes by ``(f_i - f_j) (e_j - e_i)``."""
+    df = f[i] - f[j]
+    re_p = re[b] + df * (cos[j] - cos[i])
+    im_p = im[b] + df * (sin[j] - sin[i])
+    return _r_factor(re_p * re_p + im_p * im_p, target[b])
 
 
 @torch.no_grad()
@@ -101,12 +126,14 @@ def exchange_site_positions(
     if target.shape != (B, hkl_t.shape[0]):
         raise ShapeError(f"target must have shape (n_crystals, n_reflections) = {(B, hkl_t.shape[0])}, "
                          f"got {tuple(target.shape)}; pass one intensity per Miller index and crystal")
+    if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
+        raise CrystalfitError("batch must list the atoms crystal by crystal (non-decreasing); sort the atoms by crystal")
     frac = frac.clone()
     target = target.to(frac)
     recip = reciprocal_lattice(lattice.to(frac))  # rows a*, b*, c* (no 2 pi)
     g = torch.einsum("mi,bij->bmj", hkl_t, recip)
     f = form_factors_s2(numbers, 0.25 * (g * g).sum(-1)[batch])  # (N, M): fixed, follows the atom
-    pi, pj = _pairs(numbers, batch)
+    pi, pj = _pairs(numbers, batch, B)
     pb = batch[pi]
 
     def phases(x):
@@ -125,13 +152,12 @@ def exchange_site_positions(
     n_swaps = torch.zeros(B, dtype=torch.long, device=frac.device)
     n_atoms_max = int(torch.bincount(batch, minlength=B).max()) if batch.numel() else 0
     rounds = n_atoms_max if max_rounds is None else int(max_rounds)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, hkl_t.shape[0]))  # pairs scored at once
     for _ in range(rounds):
         if pi.numel() == 0:
             break
-        df = f[pi] - f[pj]
-        re_p = re[pb] + df * (cos[pj] - cos[pi])
-        im_p = im[pb] + df * (sin[pj] - sin[pi])
-        r_p = _r_factor(re_p * re_p + im_p * im_p, target[pb])
+        r_p = torch.cat([_swap_r_factors(f, cos, sin, re, im, target, pi[c], pj[c], pb[c])
+                         for c in torch.split(torch.arange(pi.numel(), device=pi.device), chunk)])
         best = torch.full((B,), float("inf"), dtype=r_p.dtype, device=r_p.device).scatter_reduce(
             0, pb, r_p, reduce="amin")
         improves = best < r_now * (1.0 - rtol)
