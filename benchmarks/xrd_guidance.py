@@ -184,11 +184,11 @@ def _crystal12_model(args):
 
 
 def _crystal12_rates(model, targets, lat, args, guided: bool, candidates: int = 1,
-                     exchanged: dict | None = None) -> tuple[dict, float]:
+                     exchange_out: dict | None = None) -> tuple[dict, float]:
     """Match rate per target crystal (guided by its intensities or not) and seconds per returned structure;
-    ``candidates > 1``: best of that many by intensity R-factor against each target.  With ``exchanged``
+    ``candidates > 1``: best of that many by intensity R-factor against each target.  With ``exchange_out``
     (a dict, guided only): also the rate of the same structures after ``exchange_sites`` is filled in, and
-    ``exchanged["seconds"]`` the mean time of that step per structure."""
+    ``exchange_out["seconds"]`` the mean time of that step per structure."""
     n, rates, secs = args.n_samples, {}, []
     if not guided:
         out = model.sample("CoN2OTl", n_samples=n * candidates, random_state=args.seed + 1, **lat)
@@ -203,13 +203,13 @@ def _crystal12_rates(model, targets, lat, args, guided: bool, candidates: int = 
                            n_candidates=candidates, **lat)
         secs.append(model.last_sample_stats_["seconds_per_structure"])
         rates[name] = float(match_rate(out, [targets[name]] * n, **TOL_TABLE1))
-        if exchanged is not None:
+        if exchange_out is not None:
             t0 = time.perf_counter()
             refined = exchanged(out, I, model)
             ex_secs.append((time.perf_counter() - t0) / n)
-            exchanged[name] = float(match_rate(refined, [targets[name]] * n, **TOL_TABLE1))
-    if exchanged is not None:
-        exchanged["seconds"] = float(np.mean(ex_secs))
+            exchange_out[name] = float(match_rate(refined, [targets[name]] * n, **TOL_TABLE1))
+    if exchange_out is not None:
+        exchange_out["seconds"] = float(np.mean(ex_secs))
     return rates, float(np.mean(secs))
 
 
@@ -223,7 +223,7 @@ def table1(args) -> None:
     for r in args.score_ratio:
         model.set_params(score_ratio=r)
         ex = {} if args.exchange_sites else None
-        res[f"guided 1:{r:g}"], t = _crystal12_rates(model, targets, lat, args, guided=True, exchanged=ex)
+        res[f"guided 1:{r:g}"], t = _crystal12_rates(model, targets, lat, args, guided=True, exchange_out=ex)
         t_g.append(t)
         if ex is not None:
             t_ex.append(ex.pop("seconds"))
