@@ -15,14 +15,16 @@ crystal; not the paper's 1-sample protocol).
 
 The training is ``preset("toy")``: 120 epochs of a network with ``lmax=1`` (1.5x less time
 per step than the default ``lmax=2``) at learning rate 3e-3, about 5 min.  Measured on 2
-cores (2026-12-01, 6.5 min in all, 303 s of it fitting): 39% / 7% unguided, 87% / 10%
-guided and 100% / 52.5% guided best of 8 (Crystal-1 / Crystal-2); a second run from a fresh
-clone, same training loss: 75% / 10% guided, 100% / 60% best of 8 (guided sampling on 2
-threads is not bit-reproducible between runs).  Crystal-2 needs a better
-trained prior: its intensities are nearly those of the arrangement with O and N swapped
-(Z = 8 and 7), so the prior has to tell them apart; ``preset("table1")`` (600 epochs, about
-40 min) reached 95% / 94% for one guided sample with one training seed and 97 / 74%, 85 / 10%
-with two others (benchmarks/results/xrd_table1_prediction_ratio*.md, xrd_table1_replicate_seed*.md).
+cores (2026-12-01, 446 s in all, 337 s of it fitting): 39% / 7% unguided, 75% / 10%
+guided, 75% / 91% guided + site exchange and 100% / 60% guided best of 8 (Crystal-1 /
+Crystal-2; deterministic: a second run gives the same structures).  The "+exchange" column
+holds the same guided structures after :func:`crystalfit.xrd.exchange_sites`.  That step
+swaps atoms of different elements while the swap fits the intensities better; it is not in
+the paper.  Without it, Crystal-2 needs a better trained prior: its intensities are nearly
+those of the arrangement with O and N swapped (Z = 8 and 7), so the prior has to tell them
+apart.  ``preset("table1")`` (600 epochs, about 60 min) gave 93.5 / 95.0%, 97 / 74% and
+85 / 10% for one guided sample with three training seeds, and 99.5 / 96.0%, 99.7 / 99.8% and
+85.7 / 99.0% with the exchange (benchmarks/results/xrd_table1_*exchange.md).
 """
 from __future__ import annotations
 

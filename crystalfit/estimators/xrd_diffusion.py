@@ -249,8 +249,9 @@ class XRDGuidedDiffusion(CrystalEstimator):
         training, about 5 min on 2 cores; fixed lattice, so :meth:`sample` needs ``lattice=``), "table1"
         (Crystal-1/2 with the lattice generated: the 600-epoch training and the sampling settings of
         benchmarks/results/xrd_table1_prediction_ratio*.md, 95.2% / 94.3% for training seed 0, 97 / 74%
-        and 85 / 10% for seeds 40 and 50 (xrd_table1_replicate_seed*.md); about 40-60 min of
-        training on 2 CPU cores), "perov_5" and "carbon_24" (the settings of
+        and 85 / 10% for seeds 40 and 50 (xrd_table1_replicate_seed*.md); with
+        ``sample(exchange_sites=True)`` 99.5 / 96.0%, 99.7 / 99.8% and 85.7 / 99.0%
+        (xrd_table1_*exchange.md); about 40-60 min of training on 2 CPU cores), "perov_5" and "carbon_24" (the settings of
         benchmarks/results/xrd_csp_perov_5_niggli.md and xrd_csp_carbon_24_niggli_val.md, the
         Carbon-24 score ratio chosen on a validation split; both trained on Niggli-reduced cells,
         ``load_dataset(..., reduce="niggli")``), "paper" (the paper's 512x6 network and full
