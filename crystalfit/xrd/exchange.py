@@ -105,7 +105,9 @@ def exchange_site_positions(
         Observed intensities (any scale), not all zero per crystal.
     max_rounds : int, optional
         At most this many swaps per crystal (default: the number of atoms of the
-        largest crystal, which is always enough for the greedy search to stop).
+        largest crystal).  Any assignment of the species is at most ``N - 1`` swaps
+        away, but the greedy path need not be the shortest, so this is a cap, not a
+        guarantee that the search has stopped; the R-factor never increases either way.
     rtol : float
         A swap must lower the R-factor by more than ``rtol`` times its value.
 
