@@ -28,9 +28,7 @@ import torch
 from torch import Tensor
 
 from ..exceptions import CrystalfitError, ShapeError
-from ..geometry import reciprocal_lattice
-from .form_factors import form_factors_s2
-from .intensities import miller_indices
+from .intensities import miller_indices, reflection_form_factors
 
 __all__ = ["exchange_sites", "exchange_site_positions"]
 
@@ -132,9 +130,7 @@ def exchange_site_positions(
         raise CrystalfitError("batch must list the atoms crystal by crystal (non-decreasing); sort the atoms by crystal")
     frac = frac.clone()
     target = target.to(frac)
-    recip = reciprocal_lattice(lattice.to(frac))  # rows a*, b*, c* (no 2 pi)
-    g = torch.einsum("mi,bij->bmj", hkl_t, recip)
-    f = form_factors_s2(numbers, 0.25 * (g * g).sum(-1)[batch])  # (N, M): fixed, follows the atom
+    f = reflection_form_factors(numbers, lattice.to(frac), batch, hkl_t)  # (N, M): fixed, follows the atom
     pi, pj = _pairs(numbers, batch, B)
     pb = batch[pi]
 

@@ -85,6 +85,18 @@ def _check_shapes(frac, numbers, lattice, batch, hkl, variance) -> None:
         )
 
 
+def reflection_form_factors(numbers: Tensor, lattice: Tensor, batch: Tensor, hkl: Tensor) -> Tensor:
+    """Form factor of every atom at every reflection of its crystal, shape (N, M), electrons.
+
+    ``f_Z(s)`` at ``s^2 = |G|^2 / 4`` (smooth at ``G = 0``, unlike ``|G|``), ``G = hkl @ a*``
+    per crystal; ``hkl`` is a float tensor (M, 3) of the lattice's dtype.  Shared by
+    :func:`structure_factors` and the site exchange (:mod:`crystalfit.xrd.exchange`).
+    """
+    recip = reciprocal_lattice(lattice)  # (B, 3, 3) rows a*, b*, c*
+    g = torch.einsum("mi,bij->bmj", hkl, recip)  # (B, M, 3)
+    return form_factors_s2(numbers, 0.25 * (g * g).sum(-1)[batch])
+
+
 def structure_factors(
     frac: Tensor,
     numbers: Tensor,
@@ -133,11 +145,7 @@ def structure_factors(
         check_numbers(numbers)
     lattice = lattice.to(frac.dtype)
     num_crystals = lattice.shape[0]
-    # s^2 = |G|^2 / 4 per crystal and reflection (smooth at G = 0, unlike |G|).
-    recip = reciprocal_lattice(lattice)  # (B, 3, 3) rows a*, b*, c*
-    g = torch.einsum("mi,bij->bmj", hkl_t, recip)  # (B, M, 3)
-    s2 = 0.25 * (g * g).sum(-1)  # (B, M)
-    f = form_factors_s2(numbers, s2[batch])  # (N, M)
+    f = reflection_form_factors(numbers, lattice, batch, hkl_t)  # (N, M)
     shape = (num_crystals, hkl_t.shape[0])
     if return_incoherent:
         incoherent = torch.zeros(shape, dtype=frac.dtype, device=frac.device)
