@@ -139,9 +139,12 @@ def exchanged(structures, intensities, model) -> list:
     return exchange_sites(structures, intensities, hkl_range=model.hkl_range, validate=False)
 
 
-EXCHANGE_NOTE = (" Columns '+ site exchange': the same guided structures after `crystalfit.xrd.exchange_sites` "
-                 "(atoms of different elements swapped while the swap lowers the intensity R-factor; "
-                 "`sample(exchange_sites=True)`); still one structure per target, but a step the paper does not have.")
+def exchange_note(args) -> str:
+    if not args.exchange_sites:
+        return ""
+    return (" Columns '+ site exchange': the same guided structures after `crystalfit.xrd.exchange_sites` "
+            "(atoms of different elements swapped while the swap lowers the intensity R-factor; "
+            "`sample(exchange_sites=True)`); still one structure per target, but a step the paper does not have.")
 
 
 def ranked_note(args) -> str:
@@ -246,7 +249,7 @@ def table1(args) -> None:
               f"corrector step_lr {args.step_lr:g}; score ratio measured against "
               + ("the network's normalised output score/sqrt(lambda_t) (ratio_reference='prediction')."
                  if args.ratio_reference == "prediction" else "the score (ratio_reference='score').")
-              + ranked_note(args) + (EXCHANGE_NOTE if args.exchange_sites else ""))
+              + ranked_note(args) + exchange_note(args))
     write("table1" + _suffix(args), dict(results=res, paper=paper, settings=dict(vars(args), n_train_total=len(train)),
                                          seconds=dict(fit=t_fit, per_structure_unguided=t_ung,
                                                       per_structure_guided=float(np.mean(t_g)),
@@ -306,7 +309,7 @@ def table2(args) -> None:
               f"{args.batch_size}), target: Crystal-2 (unseen), intensities of {n} noisy Crystal-2 variants; {mode}; "
               f"{'zero-variance' if args.zero_variance else 'stochastic'} sampling, {args.steps} steps, "
               f"corrector step_lr {args.step_lr:g}."
-              + ranked_note(args) + (EXCHANGE_NOTE if args.exchange_sites else "")
+              + ranked_note(args) + exchange_note(args)
               + " Last row: fraction of structures with Co at Crystal-2's offset from Tl (within 0.1 per "
                 "fractional coordinate, in the generated cell's basis); the heavy atoms dominate the intensities, "
                 "and neither training crystal has this offset.")
@@ -384,7 +387,7 @@ def table_d1(args) -> None:
           "| paper | " + " | ".join(pct(paper[k]) if k in paper else "-" for k in cols) + " |", "",
           f"Cu3Au 2x FCC supercell (6 Cu + 2 Au), lattice fixed (learn_lattice=False), {len(train)} noisy training "
           f"structures over all 28 placements; each sample conditioned on one superlattice placement's intensities and "
-          f"matched against it (stol 0.05)." + ranked_note(args) + (EXCHANGE_NOTE if args.exchange_sites else "")]
+          f"matched against it (stol 0.05)." + ranked_note(args) + exchange_note(args)]
     write("tableD1" + _suffix(args), dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
 
 
@@ -476,7 +479,7 @@ def csp(args) -> None:
              "the paper generates it" if args.fixed_lattice else "")
           + ("; cells Niggli-reduced on loading (train and test), as DiffCSP's data pipeline"
              if args.reduce == "niggli" else "; cells as stored in the csv files") + "." + ranked_note(args)
-          + (EXCHANGE_NOTE if args.exchange_sites else ""),
+          + exchange_note(args),
           "", "1-sample match rate by atoms per cell (paper Table C2 for Carbon-24):", "",
           "| atoms | test structures | unguided | guided |", "|---|---|---|---|"]
     md += [f"| {n} | {r['n_test']} | {pct(r['unguided'])} | {pct(r['guided'])} |" for n, r in by_n.items()]

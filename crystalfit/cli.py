@@ -129,9 +129,8 @@ def _demo(args) -> int:
         (out / "results.json").write_text(json.dumps(payload, indent=2))
         import ase.io
 
-        for n in names:
+        for k, n in enumerate(names):
             ase.io.write(out / f"guided_{n}.extxyz", samples[n], format="extxyz")
-            k = names.index(n)
             ase.io.write(out / f"guided_site_exchange_{n}.extxyz",
                          exchanged_all[k * args.n_samples:(k + 1) * args.n_samples], format="extxyz")
             for i, atoms in enumerate(samples[n][: min(5, len(samples[n]))]):

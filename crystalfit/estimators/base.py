@@ -229,7 +229,6 @@ class CrystalEstimator(BaseEstimator):
         module.train()
         opt = torch.optim.Adam(module.parameters(), lr=float(self.learning_rate))
         ema = ParameterEMA(module, ema_decay) if ema_decay > 0 else None
-        self._ema = ema  # visible during training (progress tracking); removed at the end
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, factor=plateau_factor, patience=plateau_patience, min_lr=min(min_lr, float(self.learning_rate))
         )
@@ -266,7 +265,6 @@ class CrystalEstimator(BaseEstimator):
             bar.set_postfix(loss=f"{epoch_loss:.4g}")
         if ema is not None:
             ema.copy_to(module)
-        del self._ema
         module.eval()
         self.history_ = history
         self.n_epochs_ = len(history)
