@@ -85,6 +85,13 @@ class ParameterEMA:
     ``d_n = min(decay, (1 + n) / (10 + n))``: the usual warm-up (as TensorFlow's
     ``ExponentialMovingAverage`` with ``num_updates``), so the first iterates, far from
     the optimum, are forgotten quickly.  Buffers are not averaged.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Its parameters at construction are the first average.
+    decay : float in [0, 1)
+        Per :meth:`update` (one optimiser step).
     """
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:

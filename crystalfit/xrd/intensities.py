@@ -86,11 +86,26 @@ def _check_shapes(frac, numbers, lattice, batch, hkl, variance) -> None:
 
 
 def reflection_form_factors(numbers: Tensor, lattice: Tensor, batch: Tensor, hkl: Tensor) -> Tensor:
-    """Form factor of every atom at every reflection of its crystal, shape (N, M), electrons.
+    """Form factor of every atom at every reflection of its crystal.
 
     ``f_Z(s)`` at ``s^2 = |G|^2 / 4`` (smooth at ``G = 0``, unlike ``|G|``), ``G = hkl @ a*``
-    per crystal; ``hkl`` is a float tensor (M, 3) of the lattice's dtype.  Shared by
-    :func:`structure_factors` and the site exchange (:mod:`crystalfit.xrd.exchange`).
+    per crystal.  Shared by :func:`structure_factors` and the site exchange
+    (:mod:`crystalfit.xrd.exchange`); tested through :func:`structure_factors`.
+
+    Parameters
+    ----------
+    numbers : Tensor, shape (N,), long
+        Atomic numbers.
+    lattice : Tensor, shape (B, 3, 3)
+        Lattice vectors as rows, Angstrom.
+    batch : Tensor, shape (N,), long
+        Crystal of each atom.
+    hkl : Tensor, shape (M, 3)
+        Miller indices as floats of the lattice's dtype.
+
+    Returns
+    -------
+    Tensor, shape (N, M), electrons
     """
     recip = reciprocal_lattice(lattice)  # (B, 3, 3) rows a*, b*, c*
     g = torch.einsum("mi,bij->bmj", hkl, recip)  # (B, M, 3)
