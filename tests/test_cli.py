@@ -15,7 +15,7 @@ def test_demo_writes_results_structures_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Table 1" in printed and "crystal-2" in printed
     res = json.loads((out / "results.json").read_text())
-    for key in ("guided", "unguided", "guided_site_exchange"):
+    for key in ("guided", "unguided", "guided_site_exchange", "unguided_site_exchange"):
         assert set(res[key]) == {"crystal-1", "crystal-2"}
         assert all(0.0 <= v <= 1.0 for v in res[key].values())
     assert set(res["guided_ranked"]) == {"crystal-1", "crystal-2"} and "best of 2" in printed

@@ -566,7 +566,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
             exchange two settled atoms; where two elements scatter alike (O and N
             in Crystal-2) the prior decides which sits where, and this step lets
             the data decide.  Not part of the paper's method (default False);
-            about 1 ms per 5-atom structure.
+            about 1 ms per 5-atom structure.  Where the candidate crystals share
+            one set of sites (the paper's Crystal-1/2/3, Cu3Au), the exchange
+            alone turns unguided samples into the target, so compare against
+            that control before crediting the guidance (docs, "Site exchange").
         guidance : dict or callable, optional
             With ``intensities``: how the guidance object the sampler calls is built.
             A dict gives options of :class:`crystalfit.guidance.XRDGuidance` for this
