@@ -15,9 +15,10 @@ crystal; not the paper's 1-sample protocol).
 
 The training is ``preset("toy")``: 120 epochs of a network with ``lmax=1`` (1.5x less time
 per step than the default ``lmax=2``) at learning rate 3e-3, about 5 min.  Measured on 2
-cores (2026-12-01, 446 s in all, 337 s of it fitting): 39% / 7% unguided, 75% / 10%
-guided, 75% / 91% guided + site exchange and 100% / 60% guided best of 8 (Crystal-1 /
-Crystal-2; deterministic: a second run gives the same structures).  The two "+exchange"
+cores from a fresh clone (2026-12-02, 449 s in all, 334 s of it fitting): 39% / 7% unguided,
+85% / 85% unguided + site exchange, 75% / 10% guided, 75% / 91% guided + site exchange and
+100% / 60% guided best of 8 (Crystal-1 / Crystal-2; deterministic: a second run gives the
+same structures).  The two "+exchange"
 columns hold the structures to their left after :func:`crystalfit.xrd.exchange_sites`.  That
 step swaps atoms of different elements while the swap fits the intensities better; it is not
 in the paper.  The unguided one is the control: on these crystals, whose five atoms always sit
