@@ -562,6 +562,8 @@ def grid_search_positions(atoms, intensities, rng, spacing: float = 0.5, d_min: 
         i, g = divmod(k, grid.shape[0])
         frac[i] = grid[g]
         moves += 1
+    else:  # the move cap was reached: exchange once more so that r_now belongs to frac
+        frac, _, r_now, _ = exchange_site_positions(frac, num, lat[None], batch, hkl, target)
     # continuous polish of the grid positions: L-BFGS on the R-factor (the grid is ~0.5 A coarse)
     x = frac.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([x], max_iter=100, line_search_fn="strong_wolfe")
