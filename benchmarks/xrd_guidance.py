@@ -521,6 +521,7 @@ def grid_search_positions(atoms, intensities, rng, spacing: float = 0.5, d_min: 
     changes F by ``f_i (e_g - e_i)``, so every move is scored from one evaluation of the per-atom terms."""
     import math
 
+    from crystalfit.geometry import minimum_image_frac
     from crystalfit.xrd import miller_indices
     from crystalfit.xrd.exchange import _r_factor, exchange_site_positions
     from crystalfit.xrd.intensities import reflection_form_factors
@@ -533,24 +534,30 @@ def grid_search_positions(atoms, intensities, rng, spacing: float = 0.5, d_min: 
     batch = torch.zeros(n, dtype=torch.long)
     target = torch.as_tensor(np.asarray(intensities), dtype=dt)[None]
     f = reflection_form_factors(num, lat[None], batch, hkl)  # (n, M)
+
+    def phases(x):
+        ph = 2 * math.pi * x @ hkl.T
+        return torch.cos(ph), torch.sin(ph)
+
+    def r_factor_of(x):
+        c, s_ = phases(x)
+        return _r_factor(((f * c).sum(0) ** 2 + (f * s_).sum(0) ** 2)[None], target)[0]
+
     sizes = [max(2, int(np.ceil(np.linalg.norm(v) / spacing))) for v in atoms.cell[:]]
     axes = [(torch.arange(k, dtype=dt) + float(rng.random())) / k for k in sizes]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    ph = 2 * math.pi * grid @ hkl.T
-    cg, sg = torch.cos(ph), torch.sin(ph)
+    cg, sg = phases(grid)
     images = torch.tensor([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)], dtype=dt)
     frac = torch.as_tensor(rng.random((n, 3)), dtype=dt)
     moves = 0
     for _ in range(4 * n):
         frac, _, r_now, _ = exchange_site_positions(frac, num, lat[None], batch, hkl, target)
-        ph = 2 * math.pi * frac @ hkl.T
-        c, s_ = torch.cos(ph), torch.sin(ph)
+        c, s_ = phases(frac)
         re, im = (f * c).sum(0), (f * s_).sum(0)
         re_m = re + f[:, None, :] * (cg[None] - c[:, None, :])  # (n, G, M): atom i moved to grid point g
         im_m = im + f[:, None, :] * (sg[None] - s_[:, None, :])
         r = _r_factor(re_m ** 2 + im_m ** 2, target[None])  # (n, G)
-        d = grid[:, None, :] - frac[None]
-        d = d - torch.round(d)
+        d = minimum_image_frac(grid[:, None, :] - frac[None])
         dist = ((d[:, :, None, :] + images) @ lat).norm(dim=-1).min(-1).values  # (G, n)
         close = dist < d_min
         # atom i may go to g only if no *other* atom is within d_min of g
@@ -570,15 +577,13 @@ def grid_search_positions(atoms, intensities, rng, spacing: float = 0.5, d_min: 
 
     def closure():
         opt.zero_grad()
-        ph = 2 * math.pi * x @ hkl.T
-        val = _r_factor(((f * torch.cos(ph)).sum(0) ** 2 + (f * torch.sin(ph)).sum(0) ** 2)[None], target)[0]
+        val = r_factor_of(x)
         val.backward()
         return val
 
     opt.step(closure)
     with torch.no_grad():
-        ph = 2 * math.pi * x @ hkl.T
-        r_pol = _r_factor(((f * torch.cos(ph)).sum(0) ** 2 + (f * torch.sin(ph)).sum(0) ** 2)[None], target)[0]
+        r_pol = r_factor_of(x)
     if bool(r_pol < r_now[0]):
         frac, r_now = x.detach() % 1.0, r_pol[None]
     out = atoms.copy()
