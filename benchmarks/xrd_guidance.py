@@ -84,7 +84,7 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
               verbose=args.verbose, zero_variance=args.zero_variance, learning_rate=args.lr,
               expected_intensity=not args.paper_intensity, self_condition=args.self_condition,
               polar_lattice=args.polar_lattice, step_lr=args.step_lr, ratio_reference=args.ratio_reference,
-              ema_decay=args.ema_decay)
+              ema_decay=args.ema_decay, timestep_density=args.timestep_density)
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
@@ -253,7 +253,8 @@ def table1(args) -> None:
             if args.fixed_lattice else "lattice and coordinates generated jointly (as the paper)")
     md.append(f"Match: StructureMatcher stol=0.05, angle_tol=10, ltol=0.3; {n} samples per cell; {mode}; "
               f"train {len(train)} noisy structures (paper 10,000), {args.epochs} epochs (paper 40,000), "
-              f"batch {args.batch_size}{f', weights EMA decay {args.ema_decay:g}' if args.ema_decay else ''}; {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
+              f"batch {args.batch_size}{f', weights EMA decay {args.ema_decay:g}' if args.ema_decay else ''}"
+              f"{', training times drawn with P(t) growing as t (timestep_density=linear)' if args.timestep_density == 'linear' else ''}; {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
               f"{args.steps} steps; guidance intensity {'Eq. 40 |E F|^2' if args.paper_intensity else 'E|F|^2'}; "
               f"corrector step_lr {args.step_lr:g}; score ratio measured against "
               + ("the network's normalised output score/sqrt(lambda_t) (ratio_reference='prediction')."
@@ -714,6 +715,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--ema-decay", type=float, default=0.0,
                    help="keep the exponential moving average of the weights (decay per step; 0: last iterate)")
+    p.add_argument("--timestep-density", choices=["uniform", "linear"], default="uniform",
+                   help="training-time distribution (XRDGuidedDiffusion(timestep_density=)): uniform (DiffCSP) or "
+                        "linear (P(t) grows as t)")
     p.add_argument("--ratio-reference", choices=["score", "prediction"], default="score",
                    help="score ratio measured against the score (default) or the network's normalised output "
                         "score/sqrt(lambda_t) (the paper's max|eps_hat|)")

@@ -11,6 +11,7 @@ from crystalfit.diffusion import (
     CosineBetaSchedule,
     LatticeDDPM,
     WrappedNormalTorus,
+    sample_timesteps,
     wrap01,
     wrapped_normal_d2_log_p,
     wrapped_normal_d_log_p,
@@ -58,6 +59,33 @@ def gaussian_posterior(m0, v0, c, v1, xt):
 
 
 # ------------------------------------------------------------------ schedule
+def test_sample_timesteps_uniform_is_randint():
+    a = sample_timesteps(500, 1000, torch.Generator().manual_seed(3))
+    b = torch.randint(1, 1001, (500,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("T", [1, 10])
+def test_sample_timesteps_linear_distribution(T):
+    n = 200_000
+    t = sample_timesteps(n, T, torch.Generator().manual_seed(0), density="linear")
+    assert t.dtype == torch.long and t.shape == (n,)
+    assert int(t.min()) >= 1 and int(t.max()) <= T
+    counts = torch.bincount(t, minlength=T + 1)[1:].double().numpy()
+    k = np.arange(1, T + 1)
+    p = (2 * k - 1) / T**2  # P(t = k) = (k^2 - (k - 1)^2) / T^2
+    assert abs(p.sum() - 1) < 1e-12
+    # each count within 5 binomial standard deviations of n p
+    assert np.all(np.abs(counts - n * p) <= 5 * np.sqrt(n * p * (1 - p)) + 1e-9)
+    if T == 10:  # and clearly not uniform
+        assert counts[-1] > 15 * counts[0]
+
+
+def test_sample_timesteps_rejects_unknown_density():
+    with pytest.raises(CrystalfitError, match="timestep density 'cosine' is not supported"):
+        sample_timesteps(3, 10, density="cosine")
+
+
 def test_cosine_schedule_values():
     sch = CosineBetaSchedule()
     assert sch.betas.shape == (1001,) and sch.betas[0] == 0

@@ -425,6 +425,29 @@ def test_ema_decay_validated(data, bad):
         _model(ema_decay=bad).fit(data)
 
 
+def test_timestep_density(data, monkeypatch):
+    from crystalfit.estimators import xrd_diffusion as xd
+
+    drawn = []
+    orig = xd.sample_timesteps
+
+    def spy(n, T, generator=None, density="uniform", device=None):
+        t = orig(n, T, generator, density, device=device)
+        drawn.append((density, t))
+        return t
+
+    monkeypatch.setattr(xd, "sample_timesteps", spy)
+    plain = _model().fit(data)
+    assert {d for d, _ in drawn} == {"uniform"}
+    drawn.clear()
+    linear = _model(timestep_density="linear").fit(data)
+    assert {d for d, _ in drawn} == {"linear"} and len(drawn) == 4  # 2 epochs x 2 batches
+    assert linear.get_params()["timestep_density"] == "linear"
+    assert linear.history_ != plain.history_
+    with pytest.raises(CrystalfitError, match="timestep_density must be one of .*got 'cosine'"):
+        _model(timestep_density="cosine").fit(data)
+
+
 def test_sample_exchange_sites_is_the_public_refinement(fitted):
     from crystalfit.xrd import exchange_sites
 

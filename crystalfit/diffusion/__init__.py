@@ -12,7 +12,7 @@ periodic coordinates.
   quadrature ``sigma_norm``.
 """
 from crystalfit.diffusion.lattice import LatticeDDPM
-from crystalfit.diffusion.schedules import CosineBetaSchedule, check_time_index
+from crystalfit.diffusion.schedules import TIMESTEP_DENSITIES, CosineBetaSchedule, check_time_index, sample_timesteps
 from crystalfit.diffusion.torus import (
     WrappedNormalTorus,
     wrap01,
@@ -25,9 +25,11 @@ from crystalfit.diffusion.torus import (
 
 __all__ = [
     "CosineBetaSchedule",
+    "TIMESTEP_DENSITIES",
     "LatticeDDPM",
     "WrappedNormalTorus",
     "check_time_index",
+    "sample_timesteps",
     "wrap01",
     "wrapped_normal_log_density",
     "wrapped_normal_d_log_p",

@@ -15,7 +15,41 @@ from torch import Tensor, nn
 
 from crystalfit.exceptions import CrystalfitError
 
-__all__ = ["CosineBetaSchedule", "check_time_index"]
+__all__ = ["CosineBetaSchedule", "TIMESTEP_DENSITIES", "check_time_index", "sample_timesteps"]
+
+#: Distributions of the training time ``t`` accepted by :func:`sample_timesteps`.
+TIMESTEP_DENSITIES = ("uniform", "linear")
+
+
+def sample_timesteps(n: int, T: int, generator: torch.Generator | None = None, density: str = "uniform",
+                     device=None) -> Tensor:
+    """Draw ``n`` training times in ``1..T``.
+
+    Parameters
+    ----------
+    n, T : int
+        Number of draws and number of diffusion steps.
+    generator : torch.Generator, optional
+    density : {"uniform", "linear"}
+        ``"uniform"``: ``P(t) = 1/T`` (DDPM and DiffCSP).  ``"linear"``: ``P(t) = (2t - 1) / T^2``,
+        i.e. ``t = ceil(T sqrt(u))`` with ``u`` uniform: the probability grows linearly with ``t``, so
+        the high-noise half of the process (where, in a sample, the arrangement of the atoms is
+        decided) gets 3/4 of the draws instead of 1/2.  Importance weighting of the noise levels
+        in the denoising objective, in the spirit of EDM's choice of ``p(sigma)`` (Karras et al.
+        2022); the loss per draw is unchanged, so it changes what the optimiser spends its steps on,
+        not the objective's minimiser.
+    device : torch device, optional
+
+    Returns
+    -------
+    Tensor of shape (n,), dtype long, values in ``1..T``.
+    """
+    if density not in TIMESTEP_DENSITIES:
+        raise CrystalfitError(f"timestep density {density!r} is not supported; use one of {TIMESTEP_DENSITIES}")
+    if density == "uniform":
+        return torch.randint(1, T + 1, (n,), generator=generator, device=device)
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    return torch.clamp(torch.ceil(T * torch.sqrt(u)).long(), 1, T)
 
 
 def check_time_index(t: Tensor, T: int, name: str = "t") -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..data import CrystalBatch
-from ..diffusion import CosineBetaSchedule, LatticeDDPM, WrappedNormalTorus
+from ..diffusion import TIMESTEP_DENSITIES, CosineBetaSchedule, LatticeDDPM, WrappedNormalTorus, sample_timesteps
 from ..exceptions import (
     CrystalfitError,
     NonFiniteError,
@@ -110,6 +110,12 @@ class XRDGuidedDiffusion(CrystalEstimator):
         0 (default) keeps the last optimiser iterate, as DiffCSP.  Otherwise the fitted
         weights are the exponential moving average of the iterates (decay per optimiser
         step, with the usual warm-up ``min(decay, (1 + n) / (10 + n))``).
+    timestep_density : {"uniform", "linear"}
+        Distribution of the diffusion time drawn per training structure
+        (:func:`crystalfit.diffusion.sample_timesteps`).  "uniform" (default) is DiffCSP's;
+        "linear" draws t with probability growing as t, so the noise levels at which a sample's
+        arrangement is decided get more of the optimiser's steps (see docs/xrd_guided_diffusion.md,
+        "Training-time density").
     score_ratio : float
         Guidance strength r: per crystal, max|guidance| = r * max|score| (the paper's 1:r).
     hkl_range : int
@@ -204,6 +210,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         batch_size: int = 256,
         learning_rate: float = 1e-3,
         ema_decay: float = 0.0,
+        timestep_density: str = "uniform",
         score_ratio: float = 4.0,
         hkl_range: int = 2,
         step_lr: float = 1e-5,
@@ -226,6 +233,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.ema_decay = ema_decay
+        self.timestep_density = timestep_density
         self.score_ratio = score_ratio
         self.hkl_range = hkl_range
         self.step_lr = step_lr
@@ -302,6 +310,11 @@ class XRDGuidedDiffusion(CrystalEstimator):
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
                     or not (np.isfinite(v) and v >= 0):
                 raise CrystalfitError(f"{name} must be a finite float >= 0, got {v!r}; {hint}")
+        if self.timestep_density not in TIMESTEP_DENSITIES:
+            raise CrystalfitError(
+                f"timestep_density must be one of {TIMESTEP_DENSITIES}, got {self.timestep_density!r}; "
+                "'uniform' is DiffCSP's, 'linear' draws the training time with probability growing as t"
+            )
         e = self.ema_decay
         if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)) \
                 or not (np.isfinite(e) and 0 <= e < 1):
@@ -386,7 +399,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
 
         def loss_fn(idx, g):
             sub = data.select(idx.tolist())
-            t = torch.randint(1, T + 1, (sub.num_crystals,), generator=g, device=device)
+            t = sample_timesteps(sub.num_crystals, T, g, self.timestep_density, device=device)
             return self._loss(sub, t, g, lattice_p, torus_p)
 
         self._train(batch.num_crystals, loss_fn, generator=gen, ema_decay=float(self.ema_decay))
