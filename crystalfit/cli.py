@@ -14,15 +14,19 @@ intensities and keeps the best (``--candidates``, on ``--ranked-samples`` struct
 crystal; not the paper's 1-sample protocol).
 
 The training is ``preset("toy")``: 120 epochs of a network with ``lmax=1`` (1.5x less time
-per step than the default ``lmax=2``) at learning rate 3e-3, about 5 min.  Measured on 2
-cores from a fresh clone (2026-12-02, 449 s in all, 334 s of it fitting): 39% / 7% unguided,
-85% / 85% unguided + site exchange, 75% / 10% guided, 75% / 91% guided + site exchange and
-100% / 60% guided best of 8 (Crystal-1 / Crystal-2; deterministic: a second run gives the
-same structures).  The two "+exchange"
+per step than the default ``lmax=2``) at learning rate 3e-3, with the training times drawn with
+probability growing as t (``timestep_density="linear"``), about 5 min.  Measured on 2 cores
+(2026-12-02, session 13, one thread while two benchmarks ran, so only the rates count): 48% / 27%
+unguided, 93% / 93% unguided + site exchange, 78% / 59% guided, 78% / 78% guided + site exchange
+and 100% / 100% guided best of 8 (Crystal-1 / Crystal-2; deterministic: a second run gives the
+same structures).  With DiffCSP's uniform training times (sessions 10-12) the same demo gave
+39 / 7, 85 / 85, 75 / 10, 75 / 91 and 100 / 60%: the prior had not learned where Crystal-2's O
+sits, and guidance cannot tell O from N (docs/xrd_guided_diffusion.md, "Training-time density").
+The two "+exchange"
 columns hold the structures to their left after :func:`crystalfit.xrd.exchange_sites`.  That
 step swaps atoms of different elements while the swap fits the intensities better; it is not
 in the paper.  The unguided one is the control: on these crystals, whose five atoms always sit
-on the same five sites, the exchange alone turns unguided samples into the target (85% / 85%),
+on the same five sites, the exchange alone turns unguided samples into the target (93% / 93%),
 so the guidance's own share of the guided "+exchange" column is its excess over the control.
 Without the exchange, Crystal-2 needs a better trained prior: its intensities are nearly
 those of the arrangement with O and N swapped (Z = 8 and 7), so the prior has to tell them

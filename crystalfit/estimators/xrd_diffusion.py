@@ -267,6 +267,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         presets = {
             # crystalfit demo's: lmax 1 (1.5x less time per step than lmax 2) and a 3x higher learning rate
             "toy": dict(max_epochs=120, batch_size=64, learning_rate=3e-3, network=dict(lmax=1), n_steps=100,
+                        timestep_density="linear",
                         score_ratio=10.0, learn_lattice=False),
             "table1": dict(max_epochs=600, batch_size=64, n_steps=100, score_ratio=60.0, step_lr=4e-5,
                            ratio_reference="prediction"),
