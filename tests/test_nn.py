@@ -323,6 +323,26 @@ def test_polar_factor_matches_svd_and_is_smooth_at_cubic_cells():
         polar_factor(torch.zeros(3, 2))
 
 
+def test_polar_factor_of_singular_and_ill_conditioned_float32_lattices():
+    """A pure-noise lattice of the diffusion prior can be singular in float32 (a training run with
+    timestep_density="linear" once stopped on it): no exception; ill-conditioned ones still match SVD."""
+    from crystalfit.geometry import polar_factor
+
+    singular = torch.tensor([[1.0, 2, 3], [2, 4, 6], [1, 0, 0]])
+    assert int(torch.linalg.inv_ex(singular).info) != 0  # the case the plain iteration raised on
+    ill = torch.tensor([[1.0, 2, 3], [2, 4, 6.000001], [1, 0, 0]])  # condition number ~3.5e7
+    regular = torch.randn(5, 3, 3, generator=torch.Generator().manual_seed(2))
+    U = polar_factor(torch.cat([singular[None], ill[None], regular]))
+    assert U.dtype == torch.float32 and torch.all(torch.isfinite(U))
+    torch.testing.assert_close(U[0], torch.eye(3))  # no unique polar factor: the identity
+    W, _, Vh = torch.linalg.svd(ill.double())
+    torch.testing.assert_close(U[1].double(), W @ Vh, atol=1e-4, rtol=0)
+    torch.testing.assert_close(U[2:], polar_factor(regular), atol=0, rtol=0)  # the others are untouched
+    lat = torch.stack([singular, 4.0 * torch.eye(3)]).requires_grad_(True)
+    (grad,) = torch.autograd.grad(polar_factor(lat).sum(), lat)
+    assert torch.all(torch.isfinite(grad))
+
+
 def test_polar_lattice_head_is_equivariant_and_represents_a_cubic_target():
     from crystalfit.geometry import polar_factor
     from crystalfit.nn import LatticeHead

@@ -124,7 +124,10 @@ def polar_factor(lattice: Tensor, n_iter: int = 12) -> Tensor:
 
     Parameters
     ----------
-    lattice : Tensor, shape (..., 3, 3), non-singular
+    lattice : Tensor, shape (..., 3, 3)
+        Non-singular for a unique answer.  Matrices whose iteration fails in their own
+        precision (condition numbers beyond ~1e6 in float32) are redone in float64; an
+        exactly singular one, whose polar factor is not unique, gets the identity.
     n_iter : int
         Newton steps; quadratic convergence, 12 reach float64 precision for condition
         numbers up to ~1e6.
@@ -135,12 +138,42 @@ def polar_factor(lattice: Tensor, n_iter: int = 12) -> Tensor:
     """
     if lattice.shape[-2:] != (3, 3):
         raise ShapeError(f"lattice has shape {tuple(lattice.shape)}, expected (..., 3, 3) with rows a, b, c")
-    u = lattice
+    if lattice.dim() == 2:
+        return polar_factor(lattice[None], n_iter)[0]
+    u, failed = _polar_newton(lattice, n_iter)
+    if not bool(failed.any()):
+        return u
+    # (nearly) singular in this precision, e.g. a pure-noise lattice of the diffusion prior in float32:
+    # redo those in float64; an exactly singular one (no unique polar factor) gets the identity.  The
+    # failed matrices are replaced by the identity (a fixed point of the iteration) before the passes
+    # that carry gradients, so no inf or NaN of a failed iteration reaches the backward pass.
+    idx = failed.nonzero(as_tuple=True)
+    bad = lattice[idx].double()
+    with torch.no_grad():
+        _, failed64 = _polar_newton(bad, n_iter)
+    u64, _ = _polar_newton(_identity_where(failed64, bad), n_iter)
+    u, _ = _polar_newton(_identity_where(failed, lattice), n_iter)
+    u = u.clone()
+    u[idx] = u64.to(u.dtype)
+    return u
+
+
+def _identity_where(mask: Tensor, matrices: Tensor) -> Tensor:
+    eye = torch.eye(3, dtype=matrices.dtype, device=matrices.device).expand_as(matrices)
+    return torch.where(mask[..., None, None], eye, matrices)
+
+
+def _polar_newton(u: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
+    """Scaled Newton iteration of :func:`polar_factor`; also a mask of the matrices whose inversion
+    failed or whose iterate is not finite."""
+    failed = torch.zeros(u.shape[:-2], dtype=torch.bool, device=u.device)
     for _ in range(n_iter):
-        inv_t = torch.linalg.inv(u).transpose(-1, -2)
+        inv, info = torch.linalg.inv_ex(u)
+        inv_t = inv.transpose(-1, -2)
         g = torch.sqrt(torch.linalg.matrix_norm(inv_t) / torch.linalg.matrix_norm(u))[..., None, None]
         u = 0.5 * (g * u + inv_t / g)
-    return u
+        failed = failed | (info != 0)
+    return u, failed | ~torch.isfinite(u).flatten(-2).all(-1)
 
 
 def reduce_lattice(lattice: Tensor, max_sweeps: int = 100) -> tuple[Tensor, Tensor]:
