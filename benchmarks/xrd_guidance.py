@@ -9,6 +9,7 @@ Usage (each writes benchmarks/results/xrd_<experiment>.json and .md)::
     python benchmarks/xrd_guidance.py speed
     python benchmarks/xrd_guidance.py ablation --fixed-lattice --model DIR --score-ratio 4 10 15 40
     python benchmarks/xrd_guidance.py search     # no model: random positions + greedy search on the data
+    python benchmarks/xrd_guidance.py arrangement-loss --models DIR [DIR ...]   # saved Crystal-1/2 models
 
 All runs: CPU, torch.set_num_threads(--threads), float32, fixed seeds.
 """
@@ -637,6 +638,67 @@ def search_baseline(args) -> None:
 
 
 # ---------------------------------------------------------------------- speed
+# ------------------------------------------------------- arrangement loss
+#: Crystal-2 with its O (body centre) and the N at (1/2, 1/2, 0) from Tl exchanged: the O/N swap that
+#: Crystal-1/2 models generate instead of Crystal-2 (docs/xrd_guided_diffusion.md, "Training-time density").
+O_N_SWAP = ("Tl", "N", "N", "O", "Co")
+LOSS_BINS = ((1, 300), (301, 500), (501, 650), (651, 750), (751, 850), (851, 950), (951, 1000))
+
+
+def binned_denoising_loss(model: XRDGuidedDiffusion, structures, bins=LOSS_BINS, n_rep: int = 4,
+                          seed: int = 7) -> list[float]:
+    """Mean denoising loss (the training objective, lattice and coordinates) of ``structures`` with the
+    training time drawn uniformly in each bin ``(lo, hi)``; the noise draws repeat exactly for every call
+    with the same structure count and seed, so two sets of structures are compared on paired noise."""
+    from crystalfit.io import structures_to_batch
+
+    device = next(model.module_.parameters()).device
+    data = structures_to_batch(structures).to(device=device, dtype=torch.float32)
+    lattice_p, torus_p = model._processes(device)
+    out = []
+    with torch.no_grad():
+        for lo, hi in bins:
+            g = torch.Generator(device=device).manual_seed(seed)
+            losses = [float(model._loss(data, torch.randint(lo, hi + 1, (data.num_crystals,), generator=g,
+                                                            device=device), g, lattice_p, torus_p, hinted=True))
+                      for _ in range(n_rep)]
+            out.append(float(np.mean(losses)))
+    return out
+
+
+def arrangement_loss(args) -> None:
+    """Does a saved Crystal-1/2 model tell Crystal-2 from its O/N swap (never in training), and at which
+    noise levels?  Loss per time bin on noisy Crystal-2 and on the swap, paired noise draws."""
+    if not args.models:
+        raise CrystalfitError("arrangement-loss needs --models DIR [DIR ...] (saved Crystal-1/2 models)")
+    n = args.n_samples
+    sets = {"crystal-2": make_perovskite_arrangements("crystal-2", n, random_state=123),
+            "O/N swap": make_perovskite_arrangements([O_N_SWAP], n, random_state=123)}
+    sigmas = None
+    rows, res = [], {}
+    for path in args.models:
+        model = XRDGuidedDiffusion.load(path)
+        if sigmas is None:
+            _, torus_p = model._processes(torch.device("cpu"))
+            sigmas = [float(torus_p.sigma_at(torch.tensor([(lo + hi) // 2]), torch.zeros(1, 3))[0])
+                      for lo, hi in LOSS_BINS]
+        loss = {k: binned_denoising_loss(model, v) for k, v in sets.items()}
+        p = model.get_params()
+        res[path] = dict(loss=loss, timestep_density=p.get("timestep_density", "uniform"),
+                         random_state=p["random_state"], n_epochs=model.n_epochs_, learn_lattice=p["learn_lattice"])
+        gap = [b - a for a, b in zip(loss["crystal-2"], loss["O/N swap"])]
+        rows.append(f"| {Path(path).name} | {res[path]['timestep_density']} | {p['random_state']} | {model.n_epochs_} | "
+                    + " | ".join(f"{x:+.3f}" for x in gap) + " |")
+    head = " | ".join(f"t {lo}-{hi} (sigma {s:.3f})" for (lo, hi), s in zip(LOSS_BINS, sigmas))
+    md = ["Denoising loss of the O/N swap minus that of Crystal-2, per training-time bin (positive: the model "
+          "prefers Crystal-2, as it should; the swap is never in training).", "",
+          f"| model | timestep density | seed | epochs | {head} |", "|" + "---|" * (4 + len(LOSS_BINS)), *rows, "",
+          f"{n} noisy structures of each (noise 0.01, the same draws for both), {4} noise draws per bin, the same "
+          "noise for both sets; loss = the training objective (lattice + coordinates)."]
+    write("arrangement_loss" + (f"_{args.tag}" if args.tag else ""),
+          dict(results=res, bins=LOSS_BINS, sigma_mid=sigmas, settings=dict(n_structures=n)), "\n".join(md))
+
+
 def speed(args) -> None:
     from crystalfit.estimators.xrd_diffusion import CSPDenoiser
     from crystalfit.io import structures_to_batch
@@ -682,7 +744,8 @@ def speed(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("experiment", choices=["table1", "table2", "d1", "csp", "speed", "ablation", "search"])
+    p.add_argument("experiment", choices=["table1", "table2", "d1", "csp", "speed", "ablation", "search",
+                                                  "arrangement-loss"])
     p.add_argument("--dataset", default="perov_5")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
@@ -715,6 +778,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--ema-decay", type=float, default=0.0,
                    help="keep the exponential moving average of the weights (decay per step; 0: last iterate)")
+    p.add_argument("--models", nargs="+", default=None, help="arrangement-loss: saved model directories")
     p.add_argument("--timestep-density", choices=["uniform", "linear"], default="uniform",
                    help="training-time distribution (XRDGuidedDiffusion(timestep_density=)): uniform (DiffCSP) or "
                         "linear (P(t) grows as t)")
@@ -733,7 +797,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     {"table1": table1, "table2": table2, "d1": table_d1, "csp": csp, "speed": speed,
-     "ablation": ablation, "search": search_baseline}[args.experiment](args)
+     "ablation": ablation, "search": search_baseline, "arrangement-loss": arrangement_loss}[args.experiment](args)
 
 
 if __name__ == "__main__":
