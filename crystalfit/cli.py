@@ -16,10 +16,10 @@ crystal; not the paper's 1-sample protocol).
 The training is ``preset("toy")``: 120 epochs of a network with ``lmax=1`` (1.5x less time
 per step than the default ``lmax=2``) at learning rate 3e-3, with the training times drawn with
 probability growing as t (``timestep_density="linear"``), about 5 min.  Measured on 2 cores
-(2026-12-02, session 13, one thread while two benchmarks ran, so only the rates count): 48% / 27%
-unguided, 93% / 93% unguided + site exchange, 78% / 59% guided, 78% / 78% guided + site exchange
-and 100% / 100% guided best of 8 (Crystal-1 / Crystal-2; deterministic: a second run gives the
-same structures).  With DiffCSP's uniform training times (sessions 10-12) the same demo gave
+(2026-12-02, session 13, default threads, beside another benchmark, so only the rates count): 48% /
+27% unguided, 93% / 93% unguided + site exchange, 75% / 61% guided, 75% / 75% guided + site
+exchange and 100% / 100% guided best of 8 (Crystal-1 / Crystal-2; with ``--threads 1`` the guided
+columns were 78 / 59% and 78 / 78%).  With DiffCSP's uniform training times (sessions 10-12) the same demo gave
 39 / 7, 85 / 85, 75 / 10, 75 / 91 and 100 / 60%: the prior had not learned where Crystal-2's O
 sits, and guidance cannot tell O from N (docs/xrd_guided_diffusion.md, "Training-time density").
 The two "+exchange"
