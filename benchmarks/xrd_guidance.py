@@ -643,9 +643,10 @@ def search_baseline(args) -> None:
 #: Crystal-1/2 models generate instead of Crystal-2 (docs/xrd_guided_diffusion.md, "Training-time density").
 O_N_SWAP = ("Tl", "N", "N", "O", "Co")
 LOSS_BINS = ((1, 300), (301, 500), (501, 650), (651, 750), (751, 850), (851, 950), (951, 1000))
+LOSS_REPS = 4  # noise draws per bin
 
 
-def binned_denoising_loss(model: XRDGuidedDiffusion, structures, bins=LOSS_BINS, n_rep: int = 4,
+def binned_denoising_loss(model: XRDGuidedDiffusion, structures, bins=LOSS_BINS, n_rep: int = LOSS_REPS,
                           seed: int = 7) -> list[float]:
     """Mean denoising loss (the training objective, lattice and coordinates) of ``structures`` with the
     training time drawn uniformly in each bin ``(lo, hi)``; the noise draws repeat exactly for every call
@@ -693,7 +694,7 @@ def arrangement_loss(args) -> None:
     md = ["Denoising loss of the O/N swap minus that of Crystal-2, per training-time bin (positive: the model "
           "prefers Crystal-2, as it should; the swap is never in training).", "",
           f"| model | timestep density | seed | epochs | {head} |", "|" + "---|" * (4 + len(LOSS_BINS)), *rows, "",
-          f"{n} noisy structures of each (noise 0.01, the same draws for both), {4} noise draws per bin, the same "
+          f"{n} noisy structures of each (noise 0.01, the same draws for both), {LOSS_REPS} noise draws per bin, the same "
           "noise for both sets; loss = the training objective (lattice + coordinates)."]
     write("arrangement_loss" + (f"_{args.tag}" if args.tag else ""),
           dict(results=res, bins=LOSS_BINS, sigma_mid=sigmas, settings=dict(n_structures=n)), "\n".join(md))
