@@ -646,27 +646,6 @@ LOSS_BINS = ((1, 300), (301, 500), (501, 650), (651, 750), (751, 850), (851, 950
 LOSS_REPS = 4  # noise draws per bin
 
 
-def binned_denoising_loss(model: XRDGuidedDiffusion, structures, bins=LOSS_BINS, n_rep: int = LOSS_REPS,
-                          seed: int = 7) -> list[float]:
-    """Mean denoising loss (the training objective, lattice and coordinates) of ``structures`` with the
-    training time drawn uniformly in each bin ``(lo, hi)``; the noise draws repeat exactly for every call
-    with the same structure count and seed, so two sets of structures are compared on paired noise."""
-    from crystalfit.io import structures_to_batch
-
-    device = next(model.module_.parameters()).device
-    data = structures_to_batch(structures).to(device=device, dtype=torch.float32)
-    lattice_p, torus_p = model._processes(device)
-    out = []
-    with torch.no_grad():
-        for lo, hi in bins:
-            g = torch.Generator(device=device).manual_seed(seed)
-            losses = [float(model._loss(data, torch.randint(lo, hi + 1, (data.num_crystals,), generator=g,
-                                                            device=device), g, lattice_p, torus_p, hinted=True))
-                      for _ in range(n_rep)]
-            out.append(float(np.mean(losses)))
-    return out
-
-
 def arrangement_loss(args) -> None:
     """Does a saved Crystal-1/2 model tell Crystal-2 from its O/N swap (never in training), and at which
     noise levels?  Loss per time bin on noisy Crystal-2 and on the swap, paired noise draws."""
@@ -683,7 +662,8 @@ def arrangement_loss(args) -> None:
             _, torus_p = model._processes(torch.device("cpu"))
             sigmas = [float(torus_p.sigma_at(torch.tensor([(lo + hi) // 2]), torch.zeros(1, 3))[0])
                       for lo, hi in LOSS_BINS]
-        loss = {k: binned_denoising_loss(model, v) for k, v in sets.items()}
+        loss = {k: [model.denoising_loss(v, t_range=b, n_draws=LOSS_REPS, random_state=7) for b in LOSS_BINS]
+                for k, v in sets.items()}
         p = model.get_params()
         res[path] = dict(loss=loss, timestep_density=p.get("timestep_density", "uniform"),
                          random_state=p["random_state"], n_epochs=model.n_epochs_, learn_lattice=p["learn_lattice"])
@@ -694,7 +674,8 @@ def arrangement_loss(args) -> None:
     md = ["Denoising loss of the O/N swap minus that of Crystal-2, per training-time bin (positive: the model "
           "prefers Crystal-2, as it should; the swap is never in training).", "",
           f"| model | timestep density | seed | epochs | {head} |", "|" + "---|" * (4 + len(LOSS_BINS)), *rows, "",
-          f"{n} noisy structures of each (noise 0.01, the same draws for both), {LOSS_REPS} noise draws per bin, the same "
+          f"{n} noisy structures of each (noise 0.01, the same draws for both), {LOSS_REPS} noise draws per bin with times "
+          "on a stratified grid over the bin (`XRDGuidedDiffusion.denoising_loss(t_range=...)`), the same times and "
           "noise for both sets; loss = the training objective (lattice + coordinates)."]
     write("arrangement_loss" + (f"_{args.tag}" if args.tag else ""),
           dict(results=res, bins=LOSS_BINS, sigma_mid=sigmas, settings=dict(n_structures=n)), "\n".join(md))

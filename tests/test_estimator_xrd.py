@@ -448,6 +448,39 @@ def test_timestep_density(data, monkeypatch):
         _model(timestep_density="cosine").fit(data)
 
 
+def test_denoising_loss_by_time_range(fitted, data, monkeypatch):
+    """score is -denoising_loss over 1..T; a t_range draws only its times, on a stratified grid, and
+    repeats its noise exactly, so two sets of structures are compared on paired draws."""
+    X = data[:10]
+    assert fitted.score(X) == -fitted.denoising_loss(X)
+    seen = []
+    orig = type(fitted)._loss
+
+    def spy(self, batch, t, *args, **kwargs):
+        seen.append(t.clone())
+        return orig(self, batch, t, *args, **kwargs)
+
+    monkeypatch.setattr(type(fitted), "_loss", spy)
+    a = fitted.denoising_loss(X, t_range=(501, 650), n_draws=3, random_state=7)
+    t = torch.cat(seen)
+    assert len(seen) == 3 and int(t.min()) >= 501 and int(t.max()) <= 650
+    # stratified: draw r puts structure i at quantile (i + (r + 1/2)/3) / 10 of the 150 times
+    u = (torch.arange(10, dtype=torch.float64) + 0.5 / 3) / 10
+    assert torch.equal(seen[0], (u * 150).ceil().long() + 500)
+    assert fitted.denoising_loss(X, t_range=(501, 650), n_draws=3, random_state=7) == a
+    assert fitted.denoising_loss(X, t_range=(501, 650), n_draws=3, random_state=8) != a
+    seen.clear()
+    fitted.denoising_loss(X, t_range=(1000, 1000), n_draws=1)
+    assert torch.equal(seen[0], torch.full((10,), 1000))
+    # high noise is harder to undo than low noise
+    assert fitted.denoising_loss(X, t_range=(1, 100)) != fitted.denoising_loss(X, t_range=(901, 1000))
+    for bad in [(0, 10), (10, 5), (1, 1001), (1.5, 10), 7, (True, 10)]:
+        with pytest.raises(CrystalfitError, match="t_range must be"):
+            fitted.denoising_loss(X, t_range=bad)
+    with pytest.raises(CrystalfitError, match="n_draws must be a positive integer, got 0"):
+        fitted.denoising_loss(X, n_draws=0)
+
+
 def test_sample_exchange_sites_is_the_public_refinement(fitted):
     from crystalfit.xrd import exchange_sites
 

@@ -410,29 +410,66 @@ class XRDGuidedDiffusion(CrystalEstimator):
     def score(self, X, y=None) -> float:
         """Negative mean denoising loss over fixed noise draws (higher is better).
 
-        Deterministic for a fixed ``random_state``: times are a stratified grid over
-        1..T and the noise comes from a generator seeded by ``random_state`` (0 if None).
+        ``-denoising_loss(X)``: deterministic for a fixed ``random_state`` (times are a
+        stratified grid over 1..T, the noise comes from a generator seeded by
+        ``random_state``, 0 if None).  ``y`` is ignored.
         """
+        return -self.denoising_loss(X)
+
+    def denoising_loss(self, X, t_range=None, n_draws: int = 4, random_state=None) -> float:
+        """Mean denoising loss (the training objective) of structures ``X`` at training times in ``t_range``.
+
+        Parameters
+        ----------
+        X : structures (ase.Atoms, pymatgen Structures, CIF text or paths)
+        t_range : (lo, hi) or None
+            Inclusive range of training times, ``1 <= lo <= hi <= timesteps``; None: all of
+            1..T (what :meth:`score` uses).  A narrow range asks how well the model denoises
+            ``X`` at one noise level, e.g. whether it tells an arrangement from its variants.
+        n_draws : int
+            Noise draws per structure; each draw gives every structure one time on a stratified
+            grid over the range (structure i at quantile ``(i + (r + 1/2)/n_draws) / len(X)``).
+        random_state : int or None
+            Seed of the noise (None: the model's ``random_state``, 0 if that is not an int).
+
+        Two calls with the same number of structures, range, ``n_draws`` and seed use the same
+        times and noise, so the losses of two sets of structures are compared on paired draws.
+        """
+        T = int(self.timesteps)
+        lo, hi = (1, T) if t_range is None else self._check_t_range(t_range, T)
+        if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
+            raise CrystalfitError(f"n_draws must be a positive integer, got {n_draws!r}; e.g. 4")
         batch, data, lattice_p, torus_p = self._fitted_inputs(X)
         device = data.device
-        seed = self.random_state if isinstance(self.random_state, (int, np.integer)) else 0
-        gen = make_generator(int(seed) + 7919, device)
-        T = int(self.timesteps)
+        seed = self.random_state if random_state is None else random_state
+        seed = int(seed) if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else 0
+        gen = make_generator(seed + 7919, device)
         B = data.num_crystals
-        n_rep = 4
+        width = hi - lo + 1
         losses = []
         self.module_.eval()
         with torch.no_grad():
-            for r in range(n_rep):
-                # stratified times: crystal i at ((i + r/n_rep) / B) quantile of 1..T
-                u = (torch.arange(B, device=device, dtype=torch.float64) + (r + 0.5) / n_rep) / B
-                t = torch.clamp((u * T).ceil().long(), 1, T)
+            for r in range(int(n_draws)):
+                u = (torch.arange(B, device=device, dtype=torch.float64) + (r + 0.5) / n_draws) / B
+                t = torch.clamp((u * width).ceil().long() + (lo - 1), lo, hi)
                 for start in range(0, B, 512):
                     idx = list(range(start, min(B, start + 512)))
                     sub = data.select(idx)
                     loss = self._loss(sub, t[idx], gen, lattice_p, torus_p, hinted=True)
                     losses.append(float(loss) * len(idx))
-        return -float(np.sum(losses) / (B * n_rep))
+        return float(np.sum(losses) / (B * n_draws))
+
+    @staticmethod
+    def _check_t_range(t_range, T: int) -> tuple[int, int]:
+        try:
+            lo, hi = t_range
+        except (TypeError, ValueError):
+            raise CrystalfitError(f"t_range must be a pair (lo, hi) of training times, got {t_range!r}") from None
+        ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (lo, hi))
+        if not ok or not 1 <= lo <= hi <= T:
+            raise CrystalfitError(
+                f"t_range must be integers with 1 <= lo <= hi <= timesteps = {T}, got {t_range!r}; e.g. (501, 650)")
+        return int(lo), int(hi)
 
     # ---------------------------------------------------------------- checking
     def _fitted_inputs(self, X):
