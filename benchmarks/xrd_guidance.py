@@ -35,6 +35,7 @@ from crystalfit.datasets import (
     make_perovskite_arrangements,
 )
 from crystalfit.exceptions import CrystalfitError
+from crystalfit.diffusion import WrappedNormalTorus
 from crystalfit.metrics import best_candidates, match_rate, r_factor
 from crystalfit.xrd import exchange_sites, single_crystal_intensities
 
@@ -659,8 +660,9 @@ def arrangement_loss(args) -> None:
     for path in args.models:
         model = XRDGuidedDiffusion.load(path)
         if sigmas is None:
-            _, torus_p = model._processes(torch.device("cpu"))
-            sigmas = [float(torus_p.sigma_at(torch.tensor([(lo + hi) // 2]), torch.zeros(1, 3))[0])
+            p = model.get_params()
+            torus = WrappedNormalTorus(sigma_begin=p["sigma_begin"], sigma_end=p["sigma_end"], T=p["timesteps"])
+            sigmas = [float(torus.sigma_at(torch.tensor([(lo + hi) // 2]), torch.zeros(1, 3))[0])
                       for lo, hi in LOSS_BINS]
         loss = {k: [model.denoising_loss(v, t_range=b, n_draws=LOSS_REPS, random_state=7) for b in LOSS_BINS]
                 for k, v in sets.items()}
