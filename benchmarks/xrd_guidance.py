@@ -86,7 +86,8 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
               verbose=args.verbose, zero_variance=args.zero_variance, learning_rate=args.lr,
               expected_intensity=not args.paper_intensity, self_condition=args.self_condition,
               polar_lattice=args.polar_lattice, step_lr=args.step_lr, ratio_reference=args.ratio_reference,
-              ema_decay=args.ema_decay, timestep_density=args.timestep_density)
+              ema_decay=args.ema_decay, timestep_density=args.timestep_density,
+              augment_basis=args.augment_basis)
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
@@ -150,6 +151,17 @@ def exchange_note(args) -> str:
             "target; `sample(exchange_sites=True)`); still one structure per target, but a step the paper does "
             "not have. 'unguided + site exchange' is the control: the unguided samples exchanged against the "
             "same targets, so the guidance's own share of a '+ site exchange' rate is its excess over it.")
+
+
+def training_note(args) -> str:
+    """The non-DiffCSP training options of a run, as a sentence (empty for DiffCSP's training)."""
+    parts = []
+    if args.timestep_density == "linear":
+        parts.append("training times drawn with P(t) growing as t (timestep_density=linear)")
+    if args.augment_basis:
+        parts.append("each training cell described at every step in a basis drawn from its 48 signed-permutation "
+                     "relabellings (augment_basis=True; the same crystals, not in the paper)")
+    return (" Training: " + "; ".join(parts) + ".") if parts else ""
 
 
 def ranked_note(args) -> str:
@@ -256,7 +268,8 @@ def table1(args) -> None:
     md.append(f"Match: StructureMatcher stol=0.05, angle_tol=10, ltol=0.3; {n} samples per cell; {mode}; "
               f"train {len(train)} noisy structures (paper 10,000), {args.epochs} epochs (paper 40,000), "
               f"batch {args.batch_size}{f', weights EMA decay {args.ema_decay:g}' if args.ema_decay else ''}"
-              f"{', training times drawn with P(t) growing as t (timestep_density=linear)' if args.timestep_density == 'linear' else ''}; {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
+              f"{', training times drawn with P(t) growing as t (timestep_density=linear)' if args.timestep_density == 'linear' else ''}"
+              f"{', cells relabelled by random signed permutations of the basis (augment_basis=True)' if args.augment_basis else ''}; {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
               f"{args.steps} steps; guidance intensity {'Eq. 40 |E F|^2' if args.paper_intensity else 'E|F|^2'}; "
               f"corrector step_lr {args.step_lr:g}; score ratio measured against "
               + ("the network's normalised output score/sqrt(lambda_t) (ratio_reference='prediction')."
@@ -323,7 +336,7 @@ def table2(args) -> None:
               f"{args.batch_size}), target: Crystal-2 (unseen), intensities of {n} noisy Crystal-2 variants; {mode}; "
               f"{'zero-variance' if args.zero_variance else 'stochastic'} sampling, {args.steps} steps, "
               f"corrector step_lr {args.step_lr:g}."
-              + ranked_note(args) + exchange_note(args)
+              + training_note(args) + ranked_note(args) + exchange_note(args)
               + " Last row: fraction of structures with Co at Crystal-2's offset from Tl (within 0.1 per "
                 "fractional coordinate, in the generated cell's basis); the heavy atoms dominate the intensities, "
                 "and neither training crystal has this offset.")
@@ -404,7 +417,7 @@ def table_d1(args) -> None:
           "| paper | " + " | ".join(pct(paper[k]) if k in paper else "-" for k in cols) + " |", "",
           f"Cu3Au 2x FCC supercell (6 Cu + 2 Au), lattice fixed (learn_lattice=False), {len(train)} noisy training "
           f"structures over all 28 placements; each sample conditioned on one superlattice placement's intensities and "
-          f"matched against it (stol 0.05)." + ranked_note(args) + exchange_note(args)]
+          f"matched against it (stol 0.05)." + training_note(args) + ranked_note(args) + exchange_note(args)]
     write("tableD1" + _suffix(args), dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
 
 
@@ -763,6 +776,9 @@ def main() -> None:
     p.add_argument("--ema-decay", type=float, default=0.0,
                    help="keep the exponential moving average of the weights (decay per step; 0: last iterate)")
     p.add_argument("--models", nargs="+", default=None, help="arrangement-loss: saved model directories")
+    p.add_argument("--augment-basis", action="store_true",
+                   help="train on random signed-permutation relabellings of each cell's basis "
+                        "(XRDGuidedDiffusion(augment_basis=True))")
     p.add_argument("--timestep-density", choices=["uniform", "linear"], default="uniform",
                    help="training-time distribution (XRDGuidedDiffusion(timestep_density=)): uniform (DiffCSP) or "
                         "linear (P(t) grows as t)")

@@ -481,6 +481,35 @@ def test_denoising_loss_by_time_range(fitted, data, monkeypatch):
         fitted.denoising_loss(X, n_draws=0)
 
 
+def test_augment_basis_trains_on_relabelled_copies(data, monkeypatch):
+    """augment_basis=True: every training batch holds the same crystals in bases drawn from the 48
+    signed permutations (same metric G up to the permutation, same cell volume), not the input bases."""
+    seen = []
+    orig = XRDGuidedDiffusion._loss
+
+    def spy(self, batch, t, *args, **kwargs):
+        seen.append(batch)
+        return orig(self, batch, t, *args, **kwargs)
+
+    monkeypatch.setattr(XRDGuidedDiffusion, "_loss", spy)
+    plain = _model().fit(data)
+    plain_frac = torch.cat([b.frac for b in seen])
+    seen.clear()
+    aug = _model(augment_basis=True).fit(data)
+    assert aug.get_params()["augment_basis"] is True and aug.history_ != plain.history_
+    frac = torch.cat([b.frac for b in seen])
+    lat = torch.cat([b.lattice for b in seen])
+    assert frac.shape == plain_frac.shape and not torch.allclose(frac, plain_frac)
+    assert float(frac.min()) >= 0 and float(frac.max()) < 1
+    # the perovskite cells are cubic: P L P^T = L, so only the coordinates change, by a signed permutation
+    torch.testing.assert_close(lat, torch.eye(3).expand_as(lat) * float(data[0].cell[0, 0]))
+    # the sites stay the perovskite sites (each coordinate near 0 or 1/2 up to the 0.01 noise)
+    d = frac * 2
+    assert float((d - d.round()).abs().max()) < 0.1
+    with pytest.raises(CrystalfitError, match="augment_basis must be True or False, got 'yes'"):
+        _model(augment_basis="yes").fit(data)
+
+
 def test_sample_exchange_sites_is_the_public_refinement(fitted):
     from crystalfit.xrd import exchange_sites
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
+from crystalfit.exceptions import ShapeError
 from crystalfit.geometry import min_pair_distance, reduce_lattice
 
 
@@ -90,3 +91,51 @@ def test_reduce_lattice_shape_error():
 
     with pytest.raises(ShapeError, match=r"lattice has shape \(3, 3\), expected \(B, 3, 3\)"):
         reduce_lattice(torch.eye(3))
+
+
+def test_signed_permutations_are_the_cube_group():
+    from crystalfit.geometry import signed_permutations
+
+    P = signed_permutations()
+    assert P.shape == (48, 3, 3)
+    torch.testing.assert_close(P[0], torch.eye(3, dtype=torch.float64))
+    assert torch.unique(P.reshape(48, 9), dim=0).shape[0] == 48
+    eye = torch.eye(3, dtype=torch.float64).expand(48, 3, 3)
+    torch.testing.assert_close(P @ P.transpose(-1, -2), eye)
+    assert set(torch.linalg.det(P).round().tolist()) == {-1.0, 1.0}
+    prods = (P[:, None] @ P[None]).reshape(-1, 9)  # closed under products
+    assert torch.unique(torch.cat([prods, P.reshape(48, 9)]), dim=0).shape[0] == 48
+
+
+def test_relabel_basis_describes_the_same_crystal():
+    """Against pymatgen: same distances, same volume and handedness, Cartesian positions turned by P,
+    and the relabelled crystal matches the original (StructureMatcher)."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from crystalfit.geometry import relabel_basis, signed_permutations
+
+    _, skewed = _skewed_lattices(6, seed=3)
+    rng = np.random.default_rng(4)
+    counts = np.array([3, 5, 2, 4, 1, 6])
+    frac = np.concatenate([rng.random((c, 3)) for c in counts])
+    batch = torch.repeat_interleave(torch.arange(6), torch.tensor(counts))
+    ops = signed_permutations()[torch.tensor([0, 5, 17, 30, 41, 47])]
+    lat2, frac2 = relabel_basis(torch.tensor(skewed), torch.tensor(frac), ops, batch)
+    lat2, frac2 = lat2.numpy(), frac2.numpy()
+    assert frac2.min() >= 0 and frac2.max() < 1
+    np.testing.assert_allclose(np.linalg.det(lat2), np.linalg.det(skewed), rtol=1e-9)
+    species = ["Si", "O", "Na", "Cl", "Fe", "K"]
+    start = np.concatenate([[0], np.cumsum(counts)])
+    matcher = StructureMatcher(primitive_cell=False, scale=False, attempt_supercell=False)
+    for k in range(6):
+        sl = slice(start[k], start[k + 1])
+        names = [species[i % 6] for i in range(counts[k])]
+        a = Structure(Lattice(skewed[k]), names, frac[sl])
+        b = Structure(Lattice(lat2[k]), names, frac2[sl])
+        np.testing.assert_allclose(a.distance_matrix, b.distance_matrix, atol=1e-8)
+        assert matcher.fit(a, b)
+        # Cartesian positions turned by P, up to lattice translations of the new cell
+        d = (frac[sl] @ skewed[k] @ ops[k].numpy().T - frac2[sl] @ lat2[k]) @ np.linalg.inv(lat2[k])
+        np.testing.assert_allclose(d, np.round(d), atol=1e-9)
+    with pytest.raises(ShapeError, match="ops must have the lattice's shape"):
+        relabel_basis(torch.tensor(skewed), torch.tensor(frac), ops[:2], batch)

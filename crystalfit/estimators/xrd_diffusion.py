@@ -19,6 +19,7 @@ Differences from the paper, all documented in docs/xrd_guided_diffusion.md:
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -35,6 +36,7 @@ from ..exceptions import (
     TooManyAtomsError,
     UnknownElementError,
 )
+from ..geometry import relabel_basis, signed_permutations
 from ..io import batch_to_atoms, parse_composition, structures_to_batch
 from ..nn import PeriodicEquivariantNetwork, lattice_invariants
 from ..nn.embeddings import N_LATTICE_INVARIANTS
@@ -116,6 +118,18 @@ class XRDGuidedDiffusion(CrystalEstimator):
         "linear" draws t with probability growing as t, so the noise levels at which a sample's
         arrangement is decided get more of the optimiser's steps (see docs/xrd_guided_diffusion.md,
         "Training-time density").
+    augment_basis : bool
+        False (default, as DiffCSP): every training crystal is seen in the basis it came in.
+        True: at every training step each crystal is described in a basis drawn at random
+        from its 48 relabellings by signed permutations (a, b, c -> +-b, +-c, +-a, ..., with
+        the Cartesian frame turned along; :func:`crystalfit.geometry.relabel_basis`), the same
+        crystal to every metric.  The network sees fractional coordinates and the lattice rows,
+        so without it a prior ties arrangements to the axes they were seen along; with it an
+        arrangement seen along one axis is proposed along the others too.  Training on
+        Crystal-1/3 and guiding towards the unseen Crystal-2 (the paper's Table 2) needs this
+        (docs/xrd_guided_diffusion.md, "Table 2"); when the data themselves are told apart by
+        their orientation in the cell (Crystal-1 and Crystal-2 share a heavy frame turned by 90
+        degrees), it takes that cue away.
     score_ratio : float
         Guidance strength r: per crystal, max|guidance| = r * max|score| (the paper's 1:r).
     hkl_range : int
@@ -211,6 +225,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         learning_rate: float = 1e-3,
         ema_decay: float = 0.0,
         timestep_density: str = "uniform",
+        augment_basis: bool = False,
         score_ratio: float = 4.0,
         hkl_range: int = 2,
         step_lr: float = 1e-5,
@@ -234,6 +249,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.learning_rate = learning_rate
         self.ema_decay = ema_decay
         self.timestep_density = timestep_density
+        self.augment_basis = augment_basis
         self.score_ratio = score_ratio
         self.hkl_range = hkl_range
         self.step_lr = step_lr
@@ -323,7 +339,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
         for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "polar_lattice",
-                     "verbose"):
+                     "augment_basis", "verbose"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise CrystalfitError(f"{name} must be True or False, got {getattr(self, name)!r}")
         from ..guidance.xrd_guidance import RATIO_REFERENCES
@@ -398,9 +414,15 @@ class XRDGuidedDiffusion(CrystalEstimator):
         lattice_p, torus_p = self._processes(device)
         T = int(self.timesteps)
 
+        ops = signed_permutations(torch.float32, device) if self.augment_basis else None
+
         def loss_fn(idx, g):
             sub = data.select(idx.tolist())
             t = sample_timesteps(sub.num_crystals, T, g, self.timestep_density, device=device)
+            if ops is not None:
+                pick = torch.randint(len(ops), (sub.num_crystals,), generator=g, device=device)
+                lat, frac = relabel_basis(sub.lattice, sub.frac, ops[pick], sub.batch)
+                sub = dataclasses.replace(sub, lattice=lat, frac=frac)
             return self._loss(sub, t, g, lattice_p, torus_p)
 
         self._train(batch.num_crystals, loss_fn, generator=gen, ema_decay=float(self.ema_decay))

@@ -14,6 +14,8 @@ from .lattice import (
     polar_factor,
     reciprocal_lattice,
     reduce_lattice,
+    relabel_basis,
+    signed_permutations,
     wrap_frac,
 )
 
@@ -28,5 +30,7 @@ __all__ = [
     "polar_factor",
     "reciprocal_lattice",
     "reduce_lattice",
+    "relabel_basis",
+    "signed_permutations",
     "wrap_frac",
 ]

@@ -176,6 +176,55 @@ def _polar_newton(u: Tensor, n_iter: int) -> tuple[Tensor, Tensor]:
     return u, failed | ~torch.isfinite(u).flatten(-2).all(-1)
 
 
+def signed_permutations(dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """The 48 signed permutation matrices (the cube's point group O_h), shape (48, 3, 3).
+
+    Entry 0 is the identity; the rest follow in a fixed order (permutations of the axes in
+    ``itertools.permutations`` order, each with the 8 sign patterns of its rows).
+    """
+    import itertools
+
+    out = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            m = torch.zeros(3, 3, dtype=dtype, device=device)
+            m[torch.arange(3), torch.tensor(perm)] = torch.tensor(signs, dtype=dtype, device=device)
+            out.append(m)
+    return torch.stack(out)
+
+
+def relabel_basis(lattice: Tensor, frac: Tensor, ops: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
+    """The same crystals described in another basis, with the Cartesian frame turned along.
+
+    With a signed permutation (or any orthogonal, integer) matrix ``P`` per crystal, the new
+    basis vectors are ``P L P^T`` (rows): the old vectors relabelled and re-signed by ``P``
+    (``P L``) and the whole crystal turned by the orthogonal ``P`` (``... P^T``), so
+    ``det`` (the handedness of the cell) is kept.  Fractional coordinates become
+    ``frac P^T`` wrapped into [0, 1), so Cartesian positions are ``x P^T``: every distance and
+    angle of the crystal is unchanged.  A network invariant under O(3) but not under the
+    choice of basis sees a new input; a training run that draws ``P`` at random teaches it
+    that the basis carries no information.
+
+    Parameters
+    ----------
+    lattice : Tensor, shape (B, 3, 3), vectors as rows
+    frac : Tensor, shape (N, 3)
+    ops : Tensor, shape (B, 3, 3), orthogonal integer matrices (e.g. rows of
+        :func:`signed_permutations`)
+    batch : Tensor, shape (N,), long, crystal index of each atom
+
+    Returns
+    -------
+    lattice, frac : Tensors of the input shapes
+    """
+    if ops.shape != lattice.shape:
+        raise ShapeError(f"ops must have the lattice's shape {tuple(lattice.shape)}, got {tuple(ops.shape)}")
+    ops = ops.to(lattice.dtype)
+    new_lattice = ops @ lattice @ ops.transpose(-1, -2)
+    new_frac = torch.einsum("ni,nji->nj", frac, ops[batch])
+    return new_lattice, wrap_frac(new_frac)
+
+
 def reduce_lattice(lattice: Tensor, max_sweeps: int = 100) -> tuple[Tensor, Tensor]:
     """Pairwise size-reduced basis of the same lattices (batched Lagrange reduction).
 
