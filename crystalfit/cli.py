@@ -30,10 +30,12 @@ on the same five sites, the exchange alone turns unguided samples into the targe
 so the guidance's own share of the guided "+exchange" column is its excess over the control.
 Without the exchange, Crystal-2 needs a better trained prior: its intensities are nearly
 those of the arrangement with O and N swapped (Z = 8 and 7), so the prior has to tell them
-apart.  ``preset("table1")`` (600 epochs, about 60 min) gave 93.5 / 95.0%, 97 / 74% and
-85 / 10% for one guided sample with three training seeds, and 99.5 / 96.0%, 99.7 / 99.8% and
-85.7 / 99.0% with the exchange; the unguided control with the exchange gave 97.7 / 97.7%,
-99.7 / 99.7% and 92.8 / 92.8% (benchmarks/results/xrd_table1_*exchange.md).
+apart.  ``preset("table1")`` (600 epochs, about 60 min) gave 85.5 / 83.7%, 84.0 / 78.5% and
+87.5 / 92.5% for one guided sample with three training seeds, and 100 / 100% with the exchange
+for seed 0, as did the unguided control with the exchange
+(benchmarks/results/xrd_table1_linear_seed*.md).  DiffCSP's uniform training times gave 93.5 /
+95.0%, 97 / 74% and 85 / 10% for the same seeds, 99.5 / 96.0%, 99.7 / 99.8% and 85.7 / 99.0%
+with the exchange (xrd_table1_*exchange.md).
 """
 from __future__ import annotations
 

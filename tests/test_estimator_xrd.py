@@ -342,11 +342,13 @@ def test_presets_are_valid_and_table1_matches_its_benchmark():
     with pytest.raises(CrystalfitError, match="unknown preset 'tabel1'"):
         XRDGuidedDiffusion.preset("tabel1")
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    bench = json.loads((results / "xrd_table1_prediction_ratio.json").read_text())
+    bench = json.loads((results / "xrd_table1_linear_seed0.json").read_text())
     params = XRDGuidedDiffusion.preset("table1").get_params()
     for key in ("max_epochs", "batch_size", "n_steps", "step_lr", "ratio_reference", "learn_lattice",
-                "polar_lattice", "learning_rate", "zero_variance", "expected_intensity"):
-        assert params[key] == bench["model"]["params"][key], key
+                "polar_lattice", "learning_rate", "zero_variance", "expected_intensity", "timestep_density",
+                "augment_basis", "ema_decay", "self_condition"):
+        # a parameter added after the benchmark was fitted is absent there: it ran with today's default
+        assert params[key] == bench["model"]["params"].get(key, XRDGuidedDiffusion().get_params()[key]), key
     best = max(bench["settings"]["score_ratio"],
                key=lambda r: min(bench["results"][f"guided 1:{r:g}"].values()))
     assert params["score_ratio"] == best

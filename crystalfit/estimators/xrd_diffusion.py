@@ -271,11 +271,12 @@ class XRDGuidedDiffusion(CrystalEstimator):
     def preset(cls, name: str, **overrides) -> "XRDGuidedDiffusion":
         """Settings used in the benchmarks: "toy" (``crystalfit demo``: Crystal-1/2 with a short
         training, about 5 min on 2 cores; fixed lattice, so :meth:`sample` needs ``lattice=``), "table1"
-        (Crystal-1/2 with the lattice generated: the 600-epoch training and the sampling settings of
-        benchmarks/results/xrd_table1_prediction_ratio*.md, 95.2% / 94.3% for training seed 0, 97 / 74%
-        and 85 / 10% for seeds 40 and 50 (xrd_table1_replicate_seed*.md); with
-        ``sample(exchange_sites=True)`` 99.5 / 96.0%, 99.7 / 99.8% and 85.7 / 99.0%
-        (xrd_table1_*exchange.md); about 40-60 min of training on 2 CPU cores), "perov_5" and "carbon_24" (the settings of
+        (Crystal-1/2 with the lattice generated: the 600-epoch training with the linear timestep
+        density and the sampling settings of benchmarks/results/xrd_table1_linear_seed*.md, 85.5 /
+        83.7%, 84.0 / 78.5% and 87.5 / 92.5% for training seeds 0, 40 and 50; with
+        ``sample(exchange_sites=True)`` 100 / 100% for seed 0 (xrd_table1_linear_seed0_exchange.md);
+        uniform times, DiffCSP's, gave 95.2 / 94.3%, 97 / 74% and 85 / 10% for the same seeds;
+        about 60 min of training on 2 CPU cores), "perov_5" and "carbon_24" (the settings of
         benchmarks/results/xrd_csp_perov_5_niggli.md and xrd_csp_carbon_24_niggli_val.md, the
         Carbon-24 score ratio chosen on a validation split; both trained on Niggli-reduced cells,
         ``load_dataset(..., reduce="niggli")``), "paper" (the paper's 512x6 network and full
@@ -286,7 +287,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
                         timestep_density="linear",
                         score_ratio=10.0, learn_lattice=False),
             "table1": dict(max_epochs=600, batch_size=64, n_steps=100, score_ratio=60.0, step_lr=4e-5,
-                           ratio_reference="prediction"),
+                           ratio_reference="prediction", timestep_density="linear"),
             "perov_5": dict(max_epochs=200, batch_size=64, n_steps=100, score_ratio=3.0, step_lr=5e-7),
             "carbon_24": dict(max_epochs=300, batch_size=64, n_steps=100, score_ratio=6.0, step_lr=5e-6),
             "paper": dict(
