@@ -19,7 +19,9 @@ probability growing as t (``timestep_density="linear"``), about 5 min.  Measured
 (2026-12-02, session 13, default threads, beside another benchmark, so only the rates count): 48% /
 27% unguided, 93% / 93% unguided + site exchange, 75% / 61% guided, 75% / 75% guided + site
 exchange and 100% / 100% guided best of 8 (Crystal-1 / Crystal-2; with ``--threads 1`` the guided
-columns were 78 / 59% and 78 / 78%).  With DiffCSP's uniform training times (sessions 10-12) the same demo gave
+columns were 78 / 59% and 78 / 78%).  From a fresh clone with nothing else running (2026-12-02,
+session 14): 5 min 24 s wall, fit 233 s; the same unguided columns, guided 81 / 61% and 81 / 70%
+with the exchange, best of 8 100 / 100%.  With DiffCSP's uniform training times (sessions 10-12) the same demo gave
 39 / 7, 85 / 85, 75 / 10, 75 / 91 and 100 / 60%: the prior had not learned where Crystal-2's O
 sits, and guidance cannot tell O from N (docs/xrd_guided_diffusion.md, "Training-time density").
 The two "+exchange"
