@@ -509,8 +509,8 @@ def csp(args) -> None:
           + ("; lattice of each test structure given to sample() (model trained with learned lattices), "
              "the paper generates it" if args.fixed_lattice else "")
           + ("; cells Niggli-reduced on loading (train and test), as DiffCSP's data pipeline"
-             if args.reduce == "niggli" else "; cells as stored in the csv files") + "." + ranked_note(args)
-          + exchange_note(args),
+             if args.reduce == "niggli" else "; cells as stored in the csv files") + "." + training_note(args)
+          + ranked_note(args) + exchange_note(args),
           "", "1-sample match rate by atoms per cell (paper Table C2 for Carbon-24):", "",
           "| atoms | test structures | unguided | guided |", "|---|---|---|---|"]
     md += [f"| {n} | {r['n_test']} | {pct(r['unguided'])} | {pct(r['guided'])} |" for n, r in by_n.items()]
