@@ -125,11 +125,12 @@ class XRDGuidedDiffusion(CrystalEstimator):
         the Cartesian frame turned along; :func:`crystalfit.geometry.relabel_basis`), the same
         crystal to every metric.  The network sees fractional coordinates and the lattice rows,
         so without it a prior ties arrangements to the axes they were seen along; with it an
-        arrangement seen along one axis is proposed along the others too.  Training on
-        Crystal-1/3 and guiding towards the unseen Crystal-2 (the paper's Table 2) needs this
-        (docs/xrd_guided_diffusion.md, "Table 2"); when the data themselves are told apart by
-        their orientation in the cell (Crystal-1 and Crystal-2 share a heavy frame turned by 90
-        degrees), it takes that cue away.
+        arrangement seen along one axis is proposed along the others too.  Trained on
+        Crystal-1/3 and guided towards the unseen Crystal-2 (the paper's Table 2), it lifts the
+        1-sample match rate at stol 0.5 from 4-5% to 40-48% (benchmarks/results/
+        xrd_table2_augment_basis*.md); when the data themselves are told apart by their
+        orientation in the cell (Crystal-1 and Crystal-2 share a heavy frame turned by 90
+        degrees), it takes that cue away (docs/xrd_guided_diffusion.md, "Table 2").
     score_ratio : float
         Guidance strength r: per crystal, max|guidance| = r * max|score| (the paper's 1:r).
     hkl_range : int
