@@ -289,30 +289,6 @@ def test_prediction_ratio_reference_matches_the_networks_normalisation():
         XRDGuidance(target, numbers, batch, hkl, ratio_reference="eps")
 
 
-def test_element_ratio_scope_rescales_each_element_separately():
-    """ratio_scope="element": max|g| = r max|score| over each (crystal, element) group, each group's
-    guidance in the same direction as the paper's per-crystal scaling (only the lengths change)."""
-    gen = torch.Generator().manual_seed(8)
-    numbers, batch, lattice, x0, hkl, target = _two_crystals(gen)  # crystal 0: O, Cu, Ba; crystal 1: Fe, O
-    sigma = torch.full((5, 1), 0.05, dtype=F64)
-    x = (x0 + 0.03 * torch.randn(5, 3, generator=gen, dtype=F64)) % 1.0
-    score = _smooth_score(x, x0, 0.05)
-    score[1] *= 3.0  # a different score size per element
-    kw = dict(frac=x, score=score, sigma=sigma, t=torch.tensor([5, 5]), lattice=lattice)
-    g_crystal = XRDGuidance(target, numbers, batch, hkl, score_ratio=4.0, through_network=False)(**kw)
-    g_elem = XRDGuidance(target, numbers, batch, hkl, score_ratio=4.0, through_network=False,
-                         ratio_scope="element")(**kw)
-    for b in (0, 1):
-        for z in numbers[batch == b].unique():
-            rows = (batch == b) & (numbers == z)
-            assert g_elem[rows].abs().max().item() == pytest.approx(4.0 * score[rows].abs().max().item(), rel=1e-12)
-            factor = g_elem[rows].abs().max() / g_crystal[rows].abs().max()
-            np.testing.assert_allclose(g_elem[rows], factor * g_crystal[rows], rtol=1e-12)
-    assert not torch.allclose(g_elem, g_crystal)  # the scopes differ here, so the test can tell them apart
-    with pytest.raises(CrystalfitError, match="ratio_scope = 'atom' is not supported"):
-        XRDGuidance(target, numbers, batch, hkl, ratio_scope="atom")
-
-
 def _mixture_logp(x, sig, comps, tau=0.01):
     st = math.sqrt(tau**2 + sig**2)
     logs = torch.stack([wrapped_normal_log_density(x - X, st).sum() for X in comps])

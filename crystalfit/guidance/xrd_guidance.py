@@ -50,8 +50,6 @@ from .tweedie import periodic_tweedie_moments
 
 #: Values of ``ratio_reference``: what ``max|g| = r max|.|`` is measured against.
 RATIO_REFERENCES = ("score", "prediction")
-#: Values of ``ratio_scope``: over which atoms ``max|g| = r max|ref|`` is taken.
-RATIO_SCOPES = ("crystal", "element")
 
 __all__ = ["XRDGuidance", "rescale_to_score_ratio"]
 
@@ -164,14 +162,6 @@ class XRDGuidance:
         instead of placing atoms.  Measured on Crystal-1/2 (fixed lattice, 100 samples,
         ratio 1:4): guided match rate 59%/69% with Eq. 40, 70%/82% with ``E|F|^2``
         (benchmarks/results/xrd_ablation_fixed_lattice.md).
-    ratio_scope : {"crystal", "element"}
-        Over which coordinates the score ratio is imposed.  ``"crystal"`` (default, the
-        paper): one factor per crystal, ``max|g| = r max|ref|`` over all its atoms, so an
-        atom's share of the guidance follows its share of the intensity gradient and a
-        light atom beside heavy ones barely moves (its form factor is a tenth of Tl's).
-        ``"element"`` (not in the paper): one factor per crystal and element, so the
-        atoms of every element get guidance up to ``r`` times their own score, in the
-        direction the intensities ask for.
 
     Attributes
     ----------
@@ -211,7 +201,6 @@ class XRDGuidance:
         variance_grad: bool = False,
         expected_intensity: bool = True,
         ratio_reference: str = "score",
-        ratio_scope: str = "crystal",
     ):
         numbers = torch.as_tensor(numbers)
         batch = torch.as_tensor(batch)
@@ -247,11 +236,6 @@ class XRDGuidance:
                 f"ratio_reference = {ratio_reference!r} is not supported; use 'score' (max|g| = r max|score|) or "
                 "'prediction' (max|g| = r max|score / sqrt(lambda_t)|, the network's normalised output)"
             )
-        if ratio_scope not in RATIO_SCOPES:
-            raise CrystalfitError(
-                f"ratio_scope = {ratio_scope!r} is not supported; use 'crystal' (one factor per crystal, the "
-                "paper) or 'element' (one factor per crystal and element)"
-            )
         if not (float(score_ratio) > 0):
             raise CrystalfitError(f"score_ratio = {score_ratio!r} must be > 0 (the paper uses 3 or 4)")
         self.intensities = target
@@ -266,15 +250,7 @@ class XRDGuidance:
         self.variance_grad = bool(variance_grad)
         self.expected_intensity = bool(expected_intensity)
         self.ratio_reference = ratio_reference
-        self.ratio_scope = ratio_scope
         self.num_crystals = n_crystals
-        # Segments over which the ratio is imposed: crystals, or (crystal, element) pairs.
-        if ratio_scope == "element" and self.numbers.numel():
-            _, elem = torch.unique(self.numbers, return_inverse=True)
-            n_elem = int(elem.max()) + 1
-            self._segments, self._n_segments = self.batch * n_elem + elem, n_crystals * n_elem
-        else:
-            self._segments, self._n_segments = self.batch, n_crystals
         self.last_info: dict = {}
 
     def loss(self, frac: Tensor, score: Tensor, sigma: Tensor, lattice: Tensor) -> tuple[Tensor, Tensor]:
@@ -364,7 +340,7 @@ class XRDGuidance:
         ref = score.detach()
         if self.ratio_reference == "prediction":
             ref = ref * _inverse_sqrt_sigma_norm(sigma, ref)
-        g = rescale_to_score_ratio(-grad.detach(), ref, self._segments.to(frac.device), self._n_segments,
+        g = rescale_to_score_ratio(-grad.detach(), ref, self.batch.to(frac.device), self.num_crystals,
                                    self.score_ratio)
         self.last_info.update(loss=loss.detach(), scale=k)
         return g.to(frac.dtype)
