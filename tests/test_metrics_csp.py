@@ -80,6 +80,23 @@ def test_perturbation_beyond_tolerance_does_not_match():
     assert match_rate([strained], [s], ltol=0.6) == 1.0
 
 
+def test_match_criterion_is_the_rms_not_the_largest_displacement():
+    """A pair matches when the RMS displacement is below stol (``get_rms_dist``, DiffCSP's and CDVAE's
+    metric), even where one site moved further than stol; ``StructureMatcher.fit`` tests the largest
+    displacement instead and rejects the same pair."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    s = perovskite(a=4.0)
+    n, norm = len(s), (s.volume / len(s)) ** (1 / 3)
+    d = np.array([0.0, 0.0, 1.6])  # one O moved by 1.6 A; after the best translation:
+    largest, rms = np.linalg.norm(d) * (n - 1) / n / norm, np.linalg.norm(d) * np.sqrt(n - 1) / n / norm
+    assert largest > 0.5 > rms  # 0.55 and 0.31
+    moved = displaced(s, 2, d)
+    assert match_rate([moved], [s]) == 1.0
+    assert rms_distance([moved], [s]) == pytest.approx(rms, rel=1e-6)
+    assert not StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3).fit(moved, s)
+
+
 def test_best_of_k_takes_the_min_over_matching_candidates():
     s = perovskite(a=4.0)
     far = far_structure(s)[0]
