@@ -82,8 +82,11 @@ def test_time_grid():
 
 
 # --------------------------------------------------- reference implementation
-def literal_diffcsp_loop(procs, model_fn, LT, FT, step_lr, g):
-    """SPEC 1.5 written out literally (full grid), drawing noise in the sampler's order."""
+def literal_diffcsp_loop(procs, model_fn, LT, FT, step_lr, g, guide=None, guide_corrector=False):
+    """SPEC 1.5 written out literally (full grid), drawing noise in the sampler's order.
+
+    ``guide(F, sigma) -> g`` (optional) is added to the score in the predictor (Eqs. 45-46) and, with
+    ``guide_corrector``, in the corrector too."""
     lat, tor = procs
     sch, sig, norm = lat.schedule, tor.sigmas, tor.sigma_norm
     L, F = LT.clone(), FT.clone()
@@ -94,12 +97,15 @@ def literal_diffcsp_loop(procs, model_fn, LT, FT, step_lr, g):
         _, pred = model_fn(L, F, tt)
         step = step_lr * (sig[t] / sig[1]) ** 2
         z = torch.zeros_like(F) if last else torch.randn(F.shape, generator=g, dtype=F.dtype)
-        F = (F - step * pred * torch.sqrt(norm[t]) + torch.sqrt(2 * step) * z) % 1.0
+        gc = guide(F, sig[t]) if guide is not None and guide_corrector else 0.0
+        F = (F + step * (-pred * torch.sqrt(norm[t]) + gc) + torch.sqrt(2 * step) * z) % 1.0
         eps_l, pred = model_fn(L, F, tt)
         zx = torch.zeros_like(F) if last else torch.randn(F.shape, generator=g, dtype=F.dtype)
         zl = torch.zeros_like(L) if last else torch.randn(L.shape, generator=g, dtype=L.dtype)
         dsig = sig[t] ** 2 - sig[t - 1] ** 2
-        F = (F - dsig * pred * torch.sqrt(norm[t]) + torch.sqrt(sig[t - 1] ** 2 * dsig / sig[t] ** 2) * zx) % 1.0
+        gp = guide(F, sig[t]) if guide is not None else 0.0
+        F = (F + dsig * (-pred * torch.sqrt(norm[t]) + gp)
+             + torch.sqrt(sig[t - 1] ** 2 * dsig / sig[t] ** 2) * zx) % 1.0
         c0 = 1.0 / torch.sqrt(sch.alphas[t])
         c1 = sch.betas[t] / torch.sqrt(1 - sch.alphas_cumprod[t])
         L = c0 * (L - c1 * eps_l) + sch.sigmas[t] * zl
@@ -119,6 +125,41 @@ def test_matches_literal_spec_loop(procs):
     assert res.n_model_calls == 2000 and isinstance(res, PCSampleResult)
     L, F = res  # unpacks as (lattice, frac)
     assert L is res.lattice and F is res.frac
+
+
+@pytest.mark.parametrize("guide_corrector", [False, True])
+def test_guided_sampler_matches_literal_loop(procs, guide_corrector):
+    """Guidance in the predictor only (the paper's Eqs. 45-46) or in the corrector as well
+    (``guide_corrector=True``), against the literal SPEC 1.5 loop with the guidance written in."""
+    lat, tor = procs
+    batch, x0, mu = make_problem([2, 3], seed=3)
+    x1 = torch.rand(5, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    model_fn = analytic_model(procs, batch, x0, mu, tau=0.05, tau_l=0.5)
+
+    def guide_fn(F, sigma):
+        return 0.5 * tor.score(F - x1, sigma)
+
+    calls = []
+
+    def guidance(*, frac, score, sigma, t, lattice):
+        calls.append(int(t[0]))
+        return guide_fn(frac.detach(), sigma)
+
+    g = torch.Generator().manual_seed(5)
+    LT, FT = torch.randn(2, 3, 3, generator=g, dtype=F64), torch.rand(5, 3, generator=g, dtype=F64)
+    res = predictor_corrector_sample(model_fn, LT, FT, batch, lattice_process=lat, torus_process=tor, step_lr=1e-5,
+                                     generator=torch.Generator().manual_seed(11), guidance=guidance,
+                                     guide_corrector=guide_corrector)
+    L_ref, F_ref = literal_diffcsp_loop(procs, model_fn, LT, FT, 1e-5, torch.Generator().manual_seed(11),
+                                        guide=guide_fn, guide_corrector=guide_corrector)
+    torch.testing.assert_close(res.lattice, L_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torus_dist(res.frac, F_ref), torch.zeros_like(F_ref), rtol=0, atol=1e-9)
+    assert res.n_model_calls == 2000
+    assert len(calls) == (2000 if guide_corrector else 1000)  # once per network call that uses it
+    # the corrector's guidance changes the result (it is not a no-op)
+    _, F_other = literal_diffcsp_loop(procs, model_fn, LT, FT, 1e-5, torch.Generator().manual_seed(11),
+                                      guide=guide_fn, guide_corrector=not guide_corrector)
+    assert torus_dist(F_other, F_ref).max() > 1e-4
 
 
 # ------------------------------------------------------ convergence to data

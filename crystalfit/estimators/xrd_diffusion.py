@@ -160,6 +160,11 @@ class XRDGuidedDiffusion(CrystalEstimator):
         1-sample Table 1 rates, 95.2% / 94.3% over 600 samples on a well-trained prior
         (benchmarks/results/xrd_table1_prediction_ratio*.md; one training seed, two others
         gave 97 / 74% and 85 / 10%); on Carbon-24 it did worse than the default.
+    guide_corrector : bool
+        Add the guidance to the corrector's score too (default False: the predictor only, the
+        paper's Eqs. 45-46 and DiffCSP's guided sampler).  See
+        :func:`crystalfit.sampling.predictor_corrector_sample`; it matters when ``step_lr`` is
+        large against the predictor's steps, e.g. the paper's 1000 steps with 1e-5.
     expected_intensity : bool
         Guidance compares the posterior expectation ``E|F|^2`` with the measured
         intensities (default).  False uses the paper's Eq. (40), ``|E F|^2``, which
@@ -233,6 +238,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         zero_variance: bool = True,
         expected_intensity: bool = True,
         ratio_reference: str = "score",
+        guide_corrector: bool = False,
         learn_lattice: bool = True,
         self_condition: bool = False,
         polar_lattice: bool = True,
@@ -257,6 +263,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.zero_variance = zero_variance
         self.expected_intensity = expected_intensity
         self.ratio_reference = ratio_reference
+        self.guide_corrector = guide_corrector
         self.learn_lattice = learn_lattice
         self.self_condition = self_condition
         self.polar_lattice = polar_lattice
@@ -771,6 +778,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
             generator=gen,
             progress=bool(self.verbose),
             lattice_clip=LATTICE_CLIP_FACTOR * self.lattice_norm_max_,
+            guide_corrector=bool(self.guide_corrector),
         )
         lat = result.lattice.detach().double()
         frac = result.frac.detach().double()

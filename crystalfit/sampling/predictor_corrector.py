@@ -129,6 +129,30 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return z.to(x.device)
 
 
+def _guided_score(model_fn, guidance, torus_process, lattice_process, lattice, frac, t_b, t_a, fixed_lattice,
+                  lattice_clip) -> tuple[Tensor, Tensor]:
+    """One network call with ``frac`` requiring grad; returns ``(eps_l, score + guidance)``, both detached."""
+    with torch.enable_grad():
+        frac_req = frac.detach().requires_grad_(True)
+        eps_l, pred_x = model_fn(lattice, frac_req, t_b)
+        score = torus_process.score_from_prediction(pred_x, t_a)
+        if lattice_clip is not None and fixed_lattice is None:
+            eps_l = lattice_process.clip_eps(lattice, eps_l.detach(), t_b, lattice_clip)
+        if fixed_lattice is not None:
+            lat_est = lattice
+        else:
+            lat_est = lattice_process._tweedie_x0(lattice, eps_l.detach(), t_b)
+        g = guidance(frac=frac_req, score=score, sigma=torus_process.sigma_at(t_a, frac),
+                     t=t_b, lattice=lat_est.detach())
+        if not isinstance(g, Tensor) or g.shape != frac.shape:
+            got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+            raise ShapeError(
+                f"guidance returned {got}, expected a tensor of shape {tuple(frac.shape)} = frac.shape; "
+                "return one guidance vector per coordinate row"
+            )
+        return eps_l.detach(), (score + g).detach()
+
+
 def predictor_corrector_sample(
     model_fn: ModelFn,
     lattice_T: Tensor | None,
@@ -145,6 +169,7 @@ def predictor_corrector_sample(
     generator: torch.Generator | None = None,
     progress: bool = False,
     lattice_clip: float | None = None,
+    guide_corrector: bool = False,
 ) -> PCSampleResult:
     r"""Reverse-diffuse lattices and fractional coordinates with DiffCSP's predictor-corrector.
 
@@ -153,8 +178,9 @@ def predictor_corrector_sample(
 
     1. **Corrector** (Langevin on F only), network call on ``(L_t, F_t)``:
        ``gamma = step_lr (sigma_t/sigma_1)^2``, ``F <- (F + gamma s + sqrt(2 gamma) z) mod 1``.
-       The corrector always uses the **unconditional** score (guidance is not applied
-       here).  It is skipped, and the call saved, when ``step_lr == 0``.
+       The corrector uses the **unconditional** score (guidance is not applied here), as
+       DiffCSP's guided sampler and the paper's Eqs. (45)-(46) have it, unless
+       ``guide_corrector=True``.  It is skipped, and the call saved, when ``step_lr == 0``.
     2. **Predictor**, network call on ``(L_t, F_{t-1/2})``:
        ``F <- (F + (sigma_t^2 - sigma_t'^2)(s + g) + sqrt(sigma_t'^2 (sigma_t^2 - sigma_t'^2)/sigma_t^2) z) mod 1``
        with ``g`` the guidance (0 without guidance), and the lattice DDPM step
@@ -201,6 +227,13 @@ def predictor_corrector_sample(
     lattice_clip : float, optional
         Clip the lattice Tweedie estimate to this Frobenius norm (Angstrom) before each
         lattice step (:meth:`LatticeDDPM.clip_eps`); None: no clipping (exact SPEC 1.5).
+    guide_corrector : bool
+        Also add the guidance to the corrector's score (the guidance is then called twice
+        per grid time, each time with the graph of that call's score).  With DiffCSP's
+        1000 steps and ``step_lr`` 1e-5 the corrector moves the coordinates about 40 times
+        more per step than the predictor does, so guidance in the predictor alone is
+        outweighed by an unconditional Langevin pull (docs/xrd_guided_diffusion.md, "The
+        exact prior").  Not in the paper, which does not say what its corrector does.
 
     Returns
     -------
@@ -271,14 +304,19 @@ def predictor_corrector_sample(
             tp_a = torch.full((N,), tp_int, dtype=torch.long, device=device)
             noisy = not zero_variance and tp_int > 0
 
-            # ---- corrector: Langevin on F with the unconditional score
+            # ---- corrector: Langevin on F with the unconditional score (or the guided one)
             if step_lr > 0:
+                if guidance is not None and guide_corrector:
+                    _, score = _guided_score(model_fn, guidance, torus_process, lattice_process, lattice, frac,
+                                             t_b, t_a, fixed_lattice, lattice_clip)
+                else:
+                    with torch.no_grad():
+                        _, pred_x = model_fn(lattice, frac, t_b)
+                        score = torus_process.score_from_prediction(pred_x, t_a)
+                n_calls += 1
                 with torch.no_grad():
-                    _, pred_x = model_fn(lattice, frac, t_b)
-                    n_calls += 1
-                    score = torus_process.score_from_prediction(pred_x, t_a)
                     z = _randn_like(frac, generator) if noisy else None
-                    frac = torus_process.corrector_step(frac, score, t_a, step_lr, z)
+                    frac = torus_process.corrector_step(frac, score, t_a, step_lr, z).detach()
 
             # ---- predictor: reverse-VE step on F, DDPM step on L
             if guidance is None:
@@ -288,27 +326,9 @@ def predictor_corrector_sample(
                 if lattice_clip is not None and fixed_lattice is None:
                     eps_l = lattice_process.clip_eps(lattice, eps_l, t_b, lattice_clip)
             else:
-                with torch.enable_grad():
-                    frac_req = frac.detach().requires_grad_(True)
-                    eps_l, pred_x = model_fn(lattice, frac_req, t_b)
-                    n_calls += 1
-                    score = torus_process.score_from_prediction(pred_x, t_a)
-                    if lattice_clip is not None and fixed_lattice is None:
-                        eps_l = lattice_process.clip_eps(lattice, eps_l.detach(), t_b, lattice_clip)
-                    if fixed_lattice is not None:
-                        lat_est = lattice
-                    else:
-                        lat_est = lattice_process._tweedie_x0(lattice, eps_l.detach(), t_b)
-                    g = guidance(frac=frac_req, score=score, sigma=torus_process.sigma_at(t_a, frac),
-                                 t=t_b, lattice=lat_est.detach())
-                    if not isinstance(g, Tensor) or g.shape != frac.shape:
-                        got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-                        raise ShapeError(
-                            f"guidance returned {got}, expected a tensor of shape {tuple(frac.shape)} = frac.shape; "
-                            "return one guidance vector per coordinate row"
-                        )
-                    score = (score + g).detach()
-                eps_l = eps_l.detach()
+                eps_l, score = _guided_score(model_fn, guidance, torus_process, lattice_process, lattice, frac,
+                                             t_b, t_a, fixed_lattice, lattice_clip)
+                n_calls += 1
             z = _randn_like(frac, generator) if noisy else None
             frac = torus_process.reverse_step(frac, score, t_a, tp_a, z).detach()
             if fixed_lattice is None:
