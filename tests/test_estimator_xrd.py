@@ -252,7 +252,8 @@ def test_self_condition_save_load_and_old_models(data, tmp_path):
     assert XRDGuidedDiffusion.load(tmp_path / "old").self_conditioned_ is False
 
 
-@pytest.mark.parametrize("name", ["zero_variance", "expected_intensity", "learn_lattice", "self_condition"])
+@pytest.mark.parametrize("name", ["zero_variance", "expected_intensity", "learn_lattice", "self_condition",
+                                  "guide_corrector"])
 def test_boolean_params_validated(data, name):
     with pytest.raises(CrystalfitError, match=f"{name} must be True or False, got 'yes'"):
         _model(**{name: "yes"}).fit(data)
@@ -269,6 +270,30 @@ def test_sampling_floats_validated_before_fitting(data, name, bad):
     # checked at the start of fit, not after training when the sampler first uses them
     with pytest.raises(CrystalfitError, match=f"{name} must be a finite float >= 0"):
         _model(**{name: bad}).fit(data)
+
+
+def test_guide_corrector_calls_the_guidance_in_the_corrector_too(fitted):
+    """guide_corrector=True: the guidance is called in both network calls of every step (the corrector's
+    and the predictor's) and changes the result; False (default): once per step, in the predictor."""
+    from crystalfit.guidance import XRDGuidance
+
+    I = single_crystal_intensities(make_perovskite("crystal-2"))
+    calls = []
+
+    class Counting(XRDGuidance):
+        def __call__(self, **kw):
+            calls.append(int(kw["t"][0]))
+            return super().__call__(**kw)
+
+    run = dict(n_samples=2, random_state=4, intensities=I, guidance=lambda **kw: Counting(**kw))
+    model = copy.deepcopy(fitted).set_params(step_lr=1e-5)
+    plain = model.sample("CoN2OTl", **run)
+    assert len(calls) == model.n_steps
+    calls.clear()
+    both = model.set_params(guide_corrector=True).sample("CoN2OTl", **run)
+    assert len(calls) == 2 * model.n_steps and calls[0] == calls[1] == model.timesteps
+    pos = lambda out: np.stack([a.get_scaled_positions() for a in out])  # noqa: E731
+    assert not np.allclose(pos(plain), pos(both))
 
 
 def test_guidance_option_dict_and_factory(fitted):

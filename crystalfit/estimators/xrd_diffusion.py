@@ -348,7 +348,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
         for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "polar_lattice",
-                     "augment_basis", "verbose"):
+                     "augment_basis", "guide_corrector", "verbose"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise CrystalfitError(f"{name} must be True or False, got {getattr(self, name)!r}")
         from ..guidance.xrd_guidance import RATIO_REFERENCES
