@@ -745,7 +745,6 @@ def speed(args) -> None:
     write("speed", dict(results=rows, settings=vars(args)), "\n".join(md))
 
 
-
 def on_site_rate(structures, tol: float = 0.1) -> float:
     """Fraction of ``structures`` whose every atom sits at an offset from Tl in {0, 1/2}^3 (mod 1) within
     ``tol`` per fractional coordinate: on the perovskite cell's corner, body or face sites, whatever the
@@ -835,6 +834,7 @@ def _oracle_modes(names=CRYSTALS_12):
 
 
 ORACLE_ORDER = ("O", "N", "N", "Tl", "Co")
+ORACLE_NUMBERS = (8, 7, 7, 81, 27)  # atomic numbers of ORACLE_ORDER
 ORIGIN_NOTE = ("every translation of the cells equally likely (each mode at its best translation), cubic lattice "
                "fixed")
 
@@ -871,7 +871,34 @@ def oracle_model_fn(torus, modes, n_atoms: int, tau: float = 0.01, translation_i
             score = torch.autograd.grad(log_p(x.view(b, n_atoms, 3), sig).sum(), x, create_graph=frac.requires_grad)[0]
         return torch.zeros_like(lattice), torus.prediction_from_score(score, t.repeat_interleave(n_atoms))
 
+    model_fn.torus = torus
     return model_fn
+
+
+def _oracle_sample(model_fn, cell, n: int, setting, intensities, seed: int) -> list:
+    """``n`` structures (ase.Atoms in ORACLE_ORDER) from the exact-prior ``model_fn`` on the fixed ``cell`` with
+    one row of ``ORACLE_SETTINGS`` (``intensities``: (n, 125) targets, unused for an unguided row); zero variance,
+    float64, all noise from ``seed``."""
+    from ase import Atoms
+
+    from crystalfit.diffusion import LatticeDDPM
+    from crystalfit.guidance import XRDGuidance
+    from crystalfit.sampling import predictor_corrector_sample
+    from crystalfit.xrd import miller_indices
+
+    _, steps, step_lr, ratio, ref, gc = setting
+    lattice = torch.tensor(cell, dtype=torch.float64).expand(n, 3, 3).contiguous()
+    batch = torch.arange(n).repeat_interleave(len(ORACLE_ORDER))
+    guide = None if ratio is None else XRDGuidance(
+        intensities, torch.tensor(ORACLE_NUMBERS).repeat(n), batch, miller_indices(2), score_ratio=ratio,
+        ratio_reference=ref)
+    gen = torch.Generator().manual_seed(seed)
+    out = predictor_corrector_sample(
+        model_fn, None, torch.rand(len(batch), 3, generator=gen, dtype=torch.float64), batch,
+        lattice_process=LatticeDDPM().double(), torus_process=model_fn.torus, n_steps=steps, step_lr=step_lr,
+        zero_variance=True, fixed_lattice=lattice, guidance=guide, generator=gen, guide_corrector=gc)
+    return [Atoms(ORACLE_ORDER, cell=cell, scaled_positions=f, pbc=True)
+            for f in out.frac.view(n, len(ORACLE_ORDER), 3).numpy()]
 
 
 #: Sampler settings of ``oracle --table2`` (prior Crystal-1 + Crystal-3, target the unseen Crystal-2).
@@ -888,36 +915,16 @@ ORACLE_SETTINGS_TABLE2 = [
 def oracle_table2(args) -> None:
     """Table 2 with the exact prior of its training data (Crystal-1 + Crystal-3): can the guidance reach the
     unseen Crystal-2 when the prior is perfect?"""
-    from ase import Atoms
-
-    from crystalfit.diffusion import LatticeDDPM
-    from crystalfit.guidance import XRDGuidance
-    from crystalfit.sampling import predictor_corrector_sample
-    from crystalfit.xrd import miller_indices
-
-    torus, lattice_p = WrappedNormalTorus().double(), LatticeDDPM().double()
-    model_fn = oracle_model_fn(torus, _oracle_modes(("crystal-1", "crystal-3")), 5,
+    model_fn = oracle_model_fn(WrappedNormalTorus().double(), _oracle_modes(("crystal-1", "crystal-3")), 5,
                                translation_invariant=args.translation_invariant)
-    n, hkl_range = args.n_samples, 2
+    n = args.n_samples
     target = make_perovskite("crystal-2")
-    cell = target.cell[:]
     variants = make_perovskite_arrangements("crystal-2", n, random_state=args.seed + 10)
-    intensities = torch.tensor(np.stack([single_crystal_intensities(v, hkl_range=hkl_range) for v in variants]))
-    hkl = miller_indices(hkl_range)
-    lattice = torch.tensor(cell, dtype=torch.float64).expand(n, 3, 3).contiguous()
-    batch = torch.arange(n).repeat_interleave(5)
-    numbers = torch.tensor([8, 7, 7, 81, 27]).repeat(n)
+    intensities = torch.tensor(np.stack([single_crystal_intensities(v) for v in variants]))
     res, frame, secs = {}, {}, {}
-    for label, steps, step_lr, ratio, ref, gc in ORACLE_SETTINGS_TABLE2:
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(args.seed)
-        guide = None if ratio is None else XRDGuidance(intensities, numbers, batch, hkl, score_ratio=ratio,
-                                                       ratio_reference=ref)
-        out = predictor_corrector_sample(
-            model_fn, None, torch.rand(n * 5, 3, generator=gen, dtype=torch.float64), batch,
-            lattice_process=lattice_p, torus_process=torus, n_steps=steps, step_lr=step_lr, zero_variance=True,
-            fixed_lattice=lattice, guidance=guide, generator=gen, guide_corrector=gc)
-        atoms = [Atoms(ORACLE_ORDER, cell=cell, scaled_positions=f, pbc=True) for f in out.frac.view(n, 5, 3).numpy()]
+    for setting in ORACLE_SETTINGS_TABLE2:
+        label, t0 = setting[0], time.perf_counter()
+        atoms = _oracle_sample(model_fn, target.cell[:], n, setting, intensities, args.seed)
         res[label] = {str(stol): float(match_rate(atoms, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
                       for stol in (0.05, 0.1, 0.5)}
         frame[label] = heavy_frame_rate(atoms, target)
@@ -942,38 +949,22 @@ def oracle(args) -> None:
     """Guided sampling with the exact prior: what the guidance can do when the prior is perfect."""
     if args.table2:
         return oracle_table2(args)
-    from ase import Atoms
-
-    from crystalfit.diffusion import LatticeDDPM
-    from crystalfit.guidance import XRDGuidance
-    from crystalfit.sampling import predictor_corrector_sample
     from crystalfit.xrd import miller_indices, structure_factor_intensities
 
-    torus, lattice_p = WrappedNormalTorus().double(), LatticeDDPM().double()
     modes = _oracle_modes()
-    numbers = torch.tensor([8, 7, 7, 81, 27])
-    model_fn = oracle_model_fn(torus, modes, 5, translation_invariant=args.translation_invariant)
-    n, hkl = args.n_samples, miller_indices(2)
+    model_fn = oracle_model_fn(WrappedNormalTorus().double(), modes, 5, translation_invariant=args.translation_invariant)
+    n = args.n_samples
     targets = {name: make_perovskite(name) for name in CRYSTALS_12}
     cell = targets["crystal-1"].cell[:]
-    lattice = torch.tensor(cell, dtype=torch.float64).expand(n, 3, 3).contiguous()
-    batch = torch.arange(n).repeat_interleave(5)
+    numbers = torch.tensor(ORACLE_NUMBERS)
     res, secs = {}, {}
-    for label, steps, step_lr, ratio, ref, gc in ORACLE_SETTINGS:
+    for setting in ORACLE_SETTINGS:
+        label = setting[0]
         res[label], t0 = {}, time.perf_counter()
         for k, name in enumerate(CRYSTALS_12):
-            gen = torch.Generator().manual_seed(args.seed + k)
-            guide = None
-            if ratio is not None:
-                target = structure_factor_intensities(modes[2 * k], numbers, lattice[:1], batch[:5], hkl)
-                guide = XRDGuidance(target.expand(n, -1), numbers.repeat(n), batch, hkl, score_ratio=ratio,
-                                    ratio_reference=ref)
-            out = predictor_corrector_sample(
-                model_fn, None, torch.rand(n * 5, 3, generator=gen, dtype=torch.float64), batch,
-                lattice_process=lattice_p, torus_process=torus, n_steps=steps, step_lr=step_lr, zero_variance=True,
-                fixed_lattice=lattice, guidance=guide, generator=gen, guide_corrector=gc)
-            gen_atoms = [Atoms(ORACLE_ORDER, cell=cell, scaled_positions=f, pbc=True)
-                         for f in out.frac.view(n, 5, 3).numpy()]
+            target = structure_factor_intensities(modes[2 * k], numbers, torch.tensor(cell)[None],
+                                                  torch.zeros(len(numbers), dtype=torch.long), miller_indices(2))
+            gen_atoms = _oracle_sample(model_fn, cell, n, setting, target.expand(n, -1), args.seed + k)
             res[label][name] = float(match_rate(gen_atoms, [targets[name]] * n, **TOL_TABLE1))
             other = CRYSTALS_12[1 - k]
             res[label][f"{name} target, {other} generated"] = float(
