@@ -316,7 +316,7 @@ def predictor_corrector_sample(
                 n_calls += 1
                 with torch.no_grad():
                     z = _randn_like(frac, generator) if noisy else None
-                    frac = torus_process.corrector_step(frac, score, t_a, step_lr, z).detach()
+                    frac = torus_process.corrector_step(frac, score, t_a, step_lr, z)
 
             # ---- predictor: reverse-VE step on F, DDPM step on L
             if guidance is None:
