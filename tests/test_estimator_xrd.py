@@ -272,6 +272,24 @@ def test_sampling_floats_validated_before_fitting(data, name, bad):
         _model(**{name: bad}).fit(data)
 
 
+@pytest.mark.parametrize("name, bad, message", [
+    ("step_lr", -1.0, "step_lr must be a finite float >= 0"),
+    ("score_ratio", float("nan"), "score_ratio must be a finite float >= 0"),
+    ("n_steps", 10**6, "n_steps=1000000 exceeds timesteps"),
+    ("guide_corrector", "yes", "guide_corrector must be True or False"),
+    ("ratio_reference", "eps", "ratio_reference must be one of"),
+])
+def test_sampling_params_set_after_fit_are_checked_by_sample(fitted, name, bad, message):
+    """A sampling setting changed after fit with set_params gets fit's check and message at sample(),
+    before any network call, and the fitted model is left usable."""
+    model = copy.deepcopy(fitted)
+    good = model.get_params()[name]
+    model.set_params(**{name: bad})
+    with pytest.raises(CrystalfitError, match=message):
+        model.sample("CoN2OTl", n_samples=1, random_state=0)
+    assert len(model.set_params(**{name: good}).sample("CoN2OTl", n_samples=1, random_state=0)) == 1
+
+
 def test_guide_corrector_calls_the_guidance_in_the_corrector_too(fitted):
     """guide_corrector=True: the guidance is called in both network calls of every step (the corrector's
     and the predictor's) and changes the result; False (default): once per step, in the predictor."""

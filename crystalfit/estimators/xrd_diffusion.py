@@ -677,6 +677,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
             ``r_factor_before_exchange``.
         """
         self._check_fitted()
+        # sampling settings changed after fit (set_params(n_steps=..., step_lr=...)) get fit's checks and messages
+        self._validate_params()
         if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
             raise CrystalfitError(f"n_samples must be a positive integer, got {n_samples!r}")
         if not isinstance(n_candidates, (int, np.integer)) or isinstance(n_candidates, bool) or n_candidates < 1:
