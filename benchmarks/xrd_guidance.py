@@ -89,12 +89,14 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
               expected_intensity=not args.paper_intensity, self_condition=args.self_condition,
               polar_lattice=args.polar_lattice, step_lr=args.step_lr, ratio_reference=args.ratio_reference,
               ema_decay=args.ema_decay, timestep_density=args.timestep_density,
-              augment_basis=args.augment_basis, guide_corrector=args.guide_corrector)
+              augment_basis=args.augment_basis, guide_corrector=args.guide_corrector,
+              guidance_jacobian=args.guidance_jacobian)
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
         sampling = {k: kw[k] for k in ("n_steps", "zero_variance", "score_ratio", "step_lr", "verbose",
-                                       "expected_intensity", "ratio_reference", "guide_corrector") if k in kw}
+                                       "expected_intensity", "ratio_reference", "guide_corrector", "guidance_jacobian")
+                    if k in kw}
         model.set_params(**sampling)
         fit_file = Path(args.model) / "fit_seconds.txt"
         t_fit = float(fit_file.read_text()) if fit_file.exists() else float("nan")
@@ -156,7 +158,15 @@ def exchange_note(args) -> str:
 
 
 def corrector_note(args) -> str:
-    return " Guidance added to the corrector's score too (guide_corrector=True)." if args.guide_corrector else ""
+    note = " Guidance added to the corrector's score too (guide_corrector=True)." if args.guide_corrector else ""
+    return note + jacobian_note(args)
+
+
+def jacobian_note(args) -> str:
+    if getattr(args, "guidance_jacobian", True):
+        return ""
+    return (" Guidance gradient without the prior's Jacobian (guidance_jacobian=False: the score is held "
+            "constant in d loss / d x_t).")
 
 
 def training_note(args) -> str:
@@ -880,10 +890,11 @@ def oracle_model_fn(torus, modes, n_atoms: int, tau: float = 0.01, translation_i
     return model_fn
 
 
-def _oracle_sample(model_fn, cell, n: int, setting, intensities, seed: int) -> list:
+def _oracle_sample(model_fn, cell, n: int, setting, intensities, seed: int, through_network: bool = True) -> list:
     """``n`` structures (ase.Atoms in ORACLE_ORDER) from the exact-prior ``model_fn`` on the fixed ``cell`` with
     one row of ``ORACLE_SETTINGS`` (``intensities``: (n, 125) targets, unused for an unguided row); zero variance,
-    float64, all noise from ``seed``."""
+    float64, all noise from ``seed``.  ``through_network=False``: the guidance gradient holds the prior's score
+    constant (``guidance_jacobian=False``)."""
     from ase import Atoms
 
     from crystalfit.diffusion import LatticeDDPM
@@ -896,7 +907,7 @@ def _oracle_sample(model_fn, cell, n: int, setting, intensities, seed: int) -> l
     batch = torch.arange(n).repeat_interleave(len(ORACLE_ORDER))
     guide = None if ratio is None else XRDGuidance(
         intensities, torch.tensor(ORACLE_NUMBERS).repeat(n), batch, miller_indices(2), score_ratio=ratio,
-        ratio_reference=ref)
+        ratio_reference=ref, through_network=through_network)
     gen = torch.Generator().manual_seed(seed)
     out = predictor_corrector_sample(
         model_fn, None, torch.rand(len(batch), 3, generator=gen, dtype=torch.float64), batch,
@@ -929,7 +940,7 @@ def oracle_table2(args) -> None:
     res, frame, secs = {}, {}, {}
     for setting in ORACLE_SETTINGS_TABLE2:
         label, t0 = setting[0], time.perf_counter()
-        atoms = _oracle_sample(model_fn, target.cell[:], n, setting, intensities, args.seed)
+        atoms = _oracle_sample(model_fn, target.cell[:], n, setting, intensities, args.seed, args.guidance_jacobian)
         res[label] = {str(stol): float(match_rate(atoms, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
                       for stol in (0.05, 0.1, 0.5)}
         frame[label] = heavy_frame_rate(atoms, target)
@@ -944,7 +955,7 @@ def oracle_table2(args) -> None:
            f"both assignments of the two N, noise 0.01 per fractional coordinate, {_oracle_frame(args.translation_invariant)}), no "
            f"network. Target: Crystal-2 (in neither), intensities of {n} noisy Crystal-2 variants (one per sample, as "
            f"`table2`); zero-variance sampling, float64; StructureMatcher angle_tol 10, ltol 0.3. Last column: Co at "
-           f"Crystal-2's offset from Tl (within 0.1 per fractional coordinate)."]
+           f"Crystal-2's offset from Tl (within 0.1 per fractional coordinate)." + jacobian_note(args)]
     write("oracle_table2" + _suffix(args), dict(results=res, heavy_frame=frame,
                                                 settings=dict(vars(args), rows=ORACLE_SETTINGS_TABLE2), seconds=secs),
           "\n".join(md))
@@ -971,7 +982,8 @@ def oracle(args) -> None:
         label = setting[0]
         res[label], t0 = {}, time.perf_counter()
         for k, name in enumerate(CRYSTALS_12):
-            gen_atoms = _oracle_sample(model_fn, cell, n, setting, intensities[k], args.seed + k)
+            gen_atoms = _oracle_sample(model_fn, cell, n, setting, intensities[k], args.seed + k,
+                                       args.guidance_jacobian)
             res[label][name] = float(match_rate(gen_atoms, [targets[name]] * n, **TOL_TABLE1))
             other = CRYSTALS_12[1 - k]
             res[label][f"{name} target, {other} generated"] = float(
@@ -989,7 +1001,7 @@ def oracle(args) -> None:
            f"(StructureMatcher stol 0.05, angle_tol 10, ltol 0.3) are the library's, zero-variance sampling, "
            f"{n} samples per target, float64. Unguided rows: the rate of each crystal among the same samples. "
            f"Wrong crystal: guided towards one crystal, the other one generated (for unguided rows the same numbers "
-           f"as the other column)."]
+           f"as the other column)." + jacobian_note(args)]
     write("oracle" + _suffix(args), dict(results=res, settings=dict(vars(args), rows=ORACLE_SETTINGS),
                                          seconds=secs), "\n".join(md))
 
@@ -1048,6 +1060,9 @@ def main() -> None:
     p.add_argument("--guide-corrector", action="store_true",
                    help="add the guidance to the corrector's score as well (XRDGuidedDiffusion(guide_corrector=True)); "
                         "default: predictor only, the paper's Eqs. 45-46")
+    p.add_argument("--no-guidance-jacobian", dest="guidance_jacobian", action="store_false",
+                   help="guidance_jacobian=False: the guidance gradient treats the score as a constant (no network "
+                        "Jacobian, no backward pass through the network)")
     p.add_argument("--stochastic", dest="zero_variance", action="store_false",
                    help="sample with noise (default: zero variance, the paper's setting, Appendix B)")
     p.add_argument("--model", default=None,

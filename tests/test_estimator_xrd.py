@@ -253,7 +253,7 @@ def test_self_condition_save_load_and_old_models(data, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["zero_variance", "expected_intensity", "learn_lattice", "self_condition",
-                                  "guide_corrector"])
+                                  "guide_corrector", "guidance_jacobian"])
 def test_boolean_params_validated(data, name):
     with pytest.raises(CrystalfitError, match=f"{name} must be True or False, got 'yes'"):
         _model(**{name: "yes"}).fit(data)
@@ -277,6 +277,7 @@ def test_sampling_floats_validated_before_fitting(data, name, bad):
     ("score_ratio", float("nan"), "score_ratio must be a finite float >= 0"),
     ("n_steps", 10**6, "n_steps=1000000 exceeds timesteps"),
     ("guide_corrector", "yes", "guide_corrector must be True or False"),
+    ("guidance_jacobian", 0, "guidance_jacobian must be True or False"),
     ("ratio_reference", "eps", "ratio_reference must be one of"),
 ])
 def test_sampling_params_set_after_fit_are_checked_by_sample(fitted, name, bad, message):
@@ -312,6 +313,34 @@ def test_guide_corrector_calls_the_guidance_in_the_corrector_too(fitted):
     assert len(calls) == 2 * model.n_steps and calls[0] == calls[1] == model.timesteps
     pos = lambda out: np.stack([a.get_scaled_positions() for a in out])  # noqa: E731
     assert not np.allclose(pos(plain), pos(both))
+
+
+def test_guidance_jacobian_false_is_the_gradient_without_the_network(fitted):
+    """guidance_jacobian=False gives the samples of XRDGuidance(through_network=False) (score held constant
+    in the guidance gradient), differs from the default full gradient, and hands the guidance a score
+    without graph (no backward pass through the network)."""
+    from crystalfit.guidance import XRDGuidance
+
+    I = single_crystal_intensities(make_perovskite("crystal-2"))
+    run = dict(n_samples=3, random_state=4, intensities=I)
+    pos = lambda out: np.stack([a.get_scaled_positions() for a in out])  # noqa: E731
+    model = copy.deepcopy(fitted)
+    full = model.sample("CoN2OTl", **run)
+    graphs = []
+
+    class Recording(XRDGuidance):
+        def __call__(self, **kw):
+            graphs.append(kw["score"].requires_grad)
+            return super().__call__(**kw)
+
+    model.set_params(guidance_jacobian=False)
+    plain = model.sample("CoN2OTl", **run)
+    recorded = model.sample("CoN2OTl", guidance=lambda **kw: Recording(**kw), **run)
+    assert graphs and not any(graphs)
+    np.testing.assert_allclose(pos(plain), pos(recorded), atol=1e-6)
+    direct = fitted.sample("CoN2OTl", guidance={"through_network": False}, **run)
+    np.testing.assert_allclose(pos(plain), pos(direct), atol=1e-6)
+    assert not np.allclose(pos(plain), pos(full))
 
 
 def test_guidance_option_dict_and_factory(fitted):
@@ -351,7 +380,7 @@ def test_guidance_option_dict_and_factory(fitted):
     out = fitted.sample("CoN2OTl", guidance=factory, **run)
     np.testing.assert_allclose(pos(out), pos(base), atol=1e-6)
     assert sorted(seen) == sorted(["intensities", "numbers", "batch", "hkl", "score_ratio", "expected_intensity",
-                                   "ratio_reference"])
+                                   "ratio_reference", "through_network"])
     assert seen["intensities"].shape == (3, len(I)) and seen["numbers"].shape == (15,)
     assert len(calls) == fitted.n_steps
 

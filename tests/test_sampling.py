@@ -162,6 +162,52 @@ def test_guided_sampler_matches_literal_loop(procs, guide_corrector):
     assert torus_dist(F_other, F_ref).max() > 1e-4
 
 
+@pytest.mark.parametrize("guide_corrector", [False, True])
+def test_guidance_without_score_graph_skips_the_network_graph(procs, guide_corrector):
+    """A guidance with ``needs_score_graph = False`` gets the score without a graph (the network runs under
+    no_grad, no activations kept); one that uses the score only as a constant gives the same samples either
+    way.  Without the attribute (a plain function) the graph is built, as before."""
+    lat, tor = procs
+    batch, x0, mu = make_problem([2, 3], seed=3)
+    x1 = torch.rand(5, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    base = analytic_model(procs, batch, x0, mu, tau=0.05, tau_l=0.5)
+    grad_enabled = []
+
+    def model_fn(L, F, t):
+        grad_enabled.append(torch.is_grad_enabled())
+        return base(L, F, t)
+
+    class Guide:
+        def __init__(self, needs_graph):
+            if needs_graph is not None:
+                self.needs_score_graph = needs_graph
+            self.score_has_graph = []
+
+        def __call__(self, *, frac, score, sigma, t, lattice):
+            self.score_has_graph.append(score.requires_grad)
+            # the score enters as a constant: the result cannot depend on its graph
+            return 0.5 * tor.score(frac.detach() - x1, sigma) - 0.1 * score.detach()
+
+    out = {}
+    for needs in (True, False, None):
+        grad_enabled.clear()
+        guide = Guide(needs)
+        g = torch.Generator().manual_seed(5)
+        LT, FT = torch.randn(2, 3, 3, generator=g, dtype=F64), torch.rand(5, 3, generator=g, dtype=F64)
+        out[needs] = predictor_corrector_sample(
+            model_fn, LT, FT, batch, lattice_process=lat, torus_process=tor, step_lr=1e-5, n_steps=50,
+            generator=torch.Generator().manual_seed(11), guidance=guide, guide_corrector=guide_corrector)
+        n_guided = 100 if guide_corrector else 50
+        assert len(guide.score_has_graph) == n_guided
+        assert all(guide.score_has_graph) == (needs is not False)
+        assert not any(guide.score_has_graph) == (needs is False)
+        # guided calls run with grad only when the graph is wanted; unguided corrector calls never
+        assert sum(grad_enabled) == (0 if needs is False else n_guided)
+    for needs in (False, None):
+        torch.testing.assert_close(out[needs].frac, out[True].frac, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out[needs].lattice, out[True].lattice, rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------ convergence to data
 @pytest.mark.parametrize("n_steps", [None, 100, 20])
 def test_point_mass_is_recovered(procs, n_steps):

@@ -165,6 +165,15 @@ class XRDGuidedDiffusion(CrystalEstimator):
         paper's Eqs. 45-46 and DiffCSP's guided sampler).  See
         :func:`crystalfit.sampling.predictor_corrector_sample`; it matters when ``step_lr`` is
         large against the predictor's steps, e.g. the paper's 1000 steps with 1e-5.
+    guidance_jacobian : bool
+        Differentiate the guidance through the score network (default True: the paper's full
+        gradient, whose Eq. A12 carries the network's Jacobian ``d score / d x_t`` through the
+        Tweedie mean).  False treats the score as a constant in the gradient, so the guidance is
+        ``d loss / d m`` carried back only through ``m = x_t - delta`` (no backward pass through the
+        network: about half the guided cost).  With ``guide_corrector=True`` and 1000 steps on
+        the seed-0 ``preset("table1")`` prior it gave 96 / 87% (Crystal-1 / Crystal-2) at 1:1.5,
+        where the full gradient collapses atoms onto shared sites (23 / 38% at 1:4)
+        (benchmarks/results/xrd_table1_no_jacobian*.md, docs/xrd_guided_diffusion.md).
     expected_intensity : bool
         Guidance compares the posterior expectation ``E|F|^2`` with the measured
         intensities (default).  False uses the paper's Eq. (40), ``|E F|^2``, which
@@ -239,6 +248,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         expected_intensity: bool = True,
         ratio_reference: str = "score",
         guide_corrector: bool = False,
+        guidance_jacobian: bool = True,
         learn_lattice: bool = True,
         self_condition: bool = False,
         polar_lattice: bool = True,
@@ -264,6 +274,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.expected_intensity = expected_intensity
         self.ratio_reference = ratio_reference
         self.guide_corrector = guide_corrector
+        self.guidance_jacobian = guidance_jacobian
         self.learn_lattice = learn_lattice
         self.self_condition = self_condition
         self.polar_lattice = polar_lattice
@@ -348,7 +359,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
         for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "polar_lattice",
-                     "augment_basis", "guide_corrector", "verbose"):
+                     "augment_basis", "guide_corrector", "guidance_jacobian", "verbose"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise CrystalfitError(f"{name} must be True or False, got {getattr(self, name)!r}")
         from ..guidance.xrd_guidance import RATIO_REFERENCES
@@ -655,11 +666,11 @@ class XRDGuidedDiffusion(CrystalEstimator):
         guidance : dict or callable, optional
             With ``intensities``: how the guidance object the sampler calls is built.
             A dict gives options of :class:`crystalfit.guidance.XRDGuidance` for this
-            call, e.g. ``{"through_network": False}`` (no backward pass through the
-            network: about half the guided cost) or ``{"score_ratio": 15}``.  A
+            call, e.g. ``{"through_network": False}`` (the estimator's
+            ``guidance_jacobian=False`` for this call only) or ``{"score_ratio": 15}``.  A
             callable is a factory: it is called with the keyword arguments
             ``intensities, numbers, batch, hkl, score_ratio, expected_intensity,
-            ratio_reference``
+            ratio_reference, through_network``
             (tensors for the whole sampling batch, on the model's device) and returns
             an object with the sampler's guidance protocol
             (:class:`crystalfit.sampling.predictor_corrector.Guidance`), for example a
@@ -754,6 +765,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 score_ratio=float(self.score_ratio),
                 expected_intensity=bool(self.expected_intensity),
                 ratio_reference=str(self.ratio_reference),
+                through_network=bool(self.guidance_jacobian),
             )
             if callable(option):
                 guidance = option(**guide_kw)

@@ -253,6 +253,11 @@ class XRDGuidance:
         self.num_crystals = n_crystals
         self.last_info: dict = {}
 
+    @property
+    def needs_score_graph(self) -> bool:
+        """Whether the sampler must hand over the score with its graph to ``frac`` (``through_network``)."""
+        return self.through_network
+
     def loss(self, frac: Tensor, score: Tensor, sigma: Tensor, lattice: Tensor) -> tuple[Tensor, Tensor]:
         """Per-crystal loss ``sum_h (k I_calc - I_obs)^2`` of the Tweedie posterior (differentiable).
 

@@ -36,7 +36,9 @@ class Guidance(Protocol):
         score_used = (score + g).detach()
 
     The object knows its own crystals (species, batch index, targets, score ratio);
-    the sampler does not pass them.
+    the sampler does not pass them.  An object with ``needs_score_graph = False`` gets a
+    ``score`` without graph (the network then runs under ``torch.no_grad()``, no
+    activations are kept); without the attribute the graph is built.
     """
 
     def __call__(self, *, frac: Tensor, score: Tensor, sigma: Tensor, t: Tensor, lattice: Tensor) -> Tensor:
@@ -134,7 +136,11 @@ def _guided_score(model_fn, guidance, torus_process, lattice_process, lattice, f
     """One network call with ``frac`` requiring grad; returns ``(eps_l, score + guidance)``, both detached."""
     with torch.enable_grad():
         frac_req = frac.detach().requires_grad_(True)
-        eps_l, pred_x = model_fn(lattice, frac_req, t_b)
+        if getattr(guidance, "needs_score_graph", True):
+            eps_l, pred_x = model_fn(lattice, frac_req, t_b)
+        else:  # the guidance treats the score as a constant: no graph through the network
+            with torch.no_grad():
+                eps_l, pred_x = model_fn(lattice, frac_req.detach(), t_b)
         score = torus_process.score_from_prediction(pred_x, t_a)
         if lattice_clip is not None and fixed_lattice is None:
             eps_l = lattice_process.clip_eps(lattice, eps_l.detach(), t_b, lattice_clip)
