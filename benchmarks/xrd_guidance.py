@@ -433,7 +433,9 @@ def table_d1(args) -> None:
           "| paper | " + " | ".join(pct(paper[k]) if k in paper else "-" for k in cols) + " |", "",
           f"Cu3Au 2x FCC supercell (6 Cu + 2 Au), lattice fixed (learn_lattice=False), {len(train)} noisy training "
           f"structures over all 28 placements; each sample conditioned on one superlattice placement's intensities and "
-          f"matched against it (stol 0.05)." + training_note(args) + ranked_note(args) + exchange_note(args)]
+          f"matched against it (stol 0.05); {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
+          f"{args.steps} steps, corrector step_lr {args.step_lr:g}." + training_note(args) + ranked_note(args)
+          + exchange_note(args) + corrector_note(args)]
     write("tableD1" + _suffix(args), dict(results=res, paper=paper, settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
 
 
