@@ -9,35 +9,32 @@ and given to ``sample``, the protocol of the paper's Appendix D), which isolates
 question Table 1 asks: which atomic arrangement explains the intensities.  ``--joint``
 generates lattice and coordinates together as in the paper's Table 1; with the short
 CPU training of the demo its prior is much weaker (benchmarks/results/xrd_table1.md).
-A third column ranks 8 guided candidates per structure by their fit to the target
+A further column ranks 4 guided candidates per structure by their fit to the target
 intensities and keeps the best (``--candidates``, on ``--ranked-samples`` structures per
 crystal; not the paper's 1-sample protocol).
 
 The training is ``preset("toy")``: 120 epochs of a network with ``lmax=1`` (1.5x less time
 per step than the default ``lmax=2``) at learning rate 3e-3, with the training times drawn with
-probability growing as t (``timestep_density="linear"``), about 5 min.  Measured on 2 cores
-(2026-12-02, session 13, default threads, beside another benchmark, so only the rates count): 48% /
-27% unguided, 93% / 93% unguided + site exchange, 75% / 61% guided, 75% / 75% guided + site
-exchange and 100% / 100% guided best of 8 (Crystal-1 / Crystal-2; with ``--threads 1`` the guided
-columns were 78 / 59% and 78 / 78%).  From a fresh clone with nothing else running (2026-12-02,
-session 14): 5 min 24 s wall, fit 233 s; the same unguided columns, guided 81 / 61% and 81 / 70%
-with the exchange, best of 8 100 / 100%.  With DiffCSP's uniform training times (sessions 10-12) the same demo gave
-39 / 7, 85 / 85, 75 / 10, 75 / 91 and 100 / 60%: the prior had not learned where Crystal-2's O
-sits, and guidance cannot tell O from N (docs/xrd_guided_diffusion.md, "Training-time density").
-The two "+exchange"
-columns hold the structures to their left after :func:`crystalfit.xrd.exchange_sites`.  That
-step swaps atoms of different elements while the swap fits the intensities better; it is not
-in the paper.  The unguided one is the control: on these crystals, whose five atoms always sit
-on the same five sites, the exchange alone turns unguided samples into the target (93% / 93%),
-so the guidance's own share of the guided "+exchange" column is its excess over the control.
-Without the exchange, Crystal-2 needs a better trained prior: its intensities are nearly
-those of the arrangement with O and N swapped (Z = 8 and 7), so the prior has to tell them
-apart.  ``preset("table1")`` (600 epochs, about 60 min) gave 85.5 / 83.7%, 84.0 / 78.5% and
-87.5 / 92.5% for one guided sample with three training seeds, and 100 / 100% with the exchange
-for seed 0, as did the unguided control with the exchange
-(benchmarks/results/xrd_table1_linear_seed*.md).  DiffCSP's uniform training times gave 93.5 /
-95.0%, 97 / 74% and 85 / 10% for the same seeds, 99.5 / 96.0%, 99.7 / 99.8% and 85.7 / 99.0%
-with the exchange (xrd_table1_*exchange.md).
+probability growing as t (``timestep_density="linear"``), about 4 min.  Its sampler (session 20)
+adds the guidance to the corrector's score as well as the predictor's (``guide_corrector=True``)
+and differentiates the intensity misfit with the score held constant (``guidance_jacobian=False``),
+300 steps at score ratio 1:1.5.  From a fresh clone on 2 cores with nothing else running
+(2026-12-06, benchmarks/results/demo_toy.json): 6 min wall, fit 249 s; Crystal-1 / Crystal-2
+52 / 31% unguided, **95 / 99% guided** (one sample per target, the paper's 95.6 / 95.5%), 100 / 100%
+best of 4; 125 ms per unguided and 205 ms per guided structure.  The demo's sampler before session 20
+(the paper's guidance, in the predictor only and through the network, at 100 steps and 1:10) gave
+75-81 / 59-61% guided on the same training (``--no-guide-corrector --guidance-jacobian --steps 100
+--score-ratio 10``); docs/xrd_guided_diffusion.md, "Guidance without the prior's Jacobian", says why.
+
+The two "+exchange" columns hold the structures to their left after
+:func:`crystalfit.xrd.exchange_sites`.  That step swaps atoms of different elements while the swap
+fits the intensities better; it is not in the paper.  The unguided one is the control: on these
+crystals, whose five atoms always sit on the same five sites, the exchange alone turns unguided
+samples into the target (97 / 97%), so the guidance's own share of the guided "+exchange" column
+is its excess over the control.  With the lattice generated too (``--joint``, the paper's Table 1
+setting) the short training is not enough; ``preset("table1")`` (600 epochs, about 60 min) gave
+85.5 / 83.7%, 84.0 / 78.5% and 87.5 / 92.5% for one guided sample with three training seeds
+(benchmarks/results/xrd_table1_linear_seed*.md).
 """
 from __future__ import annotations
 
@@ -63,11 +60,12 @@ def _demo(args) -> int:
     names = ["crystal-1", "crystal-2"]
     train = make_perovskite_arrangements(names, args.n_train, random_state=args.seed)
     print(f"crystalfit demo: {len(train)} noisy Crystal-1/Crystal-2 training structures (CoN2OTl, a = 4.24596 A)")
-    overrides = {} if args.epochs is None else dict(max_epochs=args.epochs)
-    model = XRDGuidedDiffusion.preset(
-        "toy", n_steps=args.steps, random_state=args.seed, verbose=args.verbose,
-        score_ratio=args.score_ratio, learn_lattice=args.joint, step_lr=args.step_lr, **overrides,
-    )
+    # options left unset keep preset("toy")'s value
+    given = dict(max_epochs=args.epochs, n_steps=args.steps, score_ratio=args.score_ratio, step_lr=args.step_lr,
+                 guide_corrector=args.guide_corrector, guidance_jacobian=args.guidance_jacobian)
+    overrides = {k: v for k, v in given.items() if v is not None}
+    model = XRDGuidedDiffusion.preset("toy", random_state=args.seed, verbose=args.verbose, learn_lattice=args.joint,
+                                      **overrides)
     model.fit(train)
     t_fit = time.perf_counter() - t0
     print(f"fitted {model.n_epochs_} epochs in {t_fit:.0f} s (final loss {model.history_[-1]:.4f})")
@@ -110,7 +108,7 @@ def _demo(args) -> int:
     print()
     mode = "lattice and coordinates generated" if args.joint else "lattice given, coordinates generated"
     print(f"Table 1 (match rate, StructureMatcher stol=0.05, angle_tol=10, ltol=0.3; {mode}; "
-          f"guided at score ratio 1:{args.score_ratio:g})")
+          f"guided at score ratio 1:{model.score_ratio:g})")
     ranked_head = f" {'best of ' + str(K):>10s}" if K > 1 else ""
     print(f"{'':12s} {'unguided':>10s} {'+exchange':>10s} {'guided':>10s} {'+exchange':>10s}{ranked_head}   "
           f"paper: {'DiffCSP':>8s} {'Ours':>8s}")
@@ -127,17 +125,18 @@ def _demo(args) -> int:
               f"(no two atoms closer than 0.5 A, where any is) is kept; {n_ranked} kept structures per crystal "
               f"({t_ranked * 1e3:.0f} ms each)")
     print(f"\nsampling: {t_unguided * 1e3:.1f} ms/structure unguided, {t_guided * 1e3:.1f} ms/structure guided "
-          f"({args.steps} steps); total {time.perf_counter() - t0:.0f} s")
+          f"({model.n_steps} steps); total {time.perf_counter() - t0:.0f} s")
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         payload = dict(
             results,
             paper=paper,
-            settings=dict(n_train=len(train), epochs=model.max_epochs, n_steps=args.steps, n_samples=args.n_samples,
+            settings=dict(n_train=len(train), epochs=model.max_epochs, n_steps=model.n_steps, n_samples=args.n_samples,
                           ranked_samples=n_ranked if K > 1 else 0, learning_rate=model.learning_rate,
                           network=model.network_settings(),
                           seed=args.seed, score_ratio=model.score_ratio, step_lr=model.step_lr, joint=args.joint,
+                          guide_corrector=model.guide_corrector, guidance_jacobian=model.guidance_jacobian,
                           candidates=K, batch_size=model.batch_size, **tol),
             seconds=dict(fit=t_fit, per_structure_unguided=t_unguided, per_structure_guided=t_guided,
                          per_structure_site_exchange=t_ex,
@@ -193,19 +192,24 @@ def main(argv=None) -> int:
     demo.add_argument("--output", help="directory for results.json, generated structures and a PNG")
     demo.add_argument("--n-train", type=int, default=2000, help="training structures (paper: 10,000)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset('toy'), 120)")
-    demo.add_argument("--score-ratio", type=float, default=10.0, help="guidance strength 1:r (paper: 4)")
+    demo.add_argument("--score-ratio", type=float, default=None,
+                      help="guidance strength 1:r (default: preset('toy'), 1.5; paper: 4)")
     demo.add_argument("--joint", action="store_true",
                       help="learn and generate the lattice too (the paper's Table 1 setting)")
-    demo.add_argument("--steps", type=int, default=100, help="reverse steps (paper: 1000)")
-    demo.add_argument("--step-lr", type=float, default=1e-5,
-                      help="corrector step size (paper: 1e-5; the 600-epoch joint model of preset('table1') does "
-                           "best with 4e-5 and the ratio measured against the network output, "
-                           "see docs/xrd_guided_diffusion.md)")
-    demo.add_argument("--candidates", type=int, default=8,
+    demo.add_argument("--steps", type=int, default=None, help="reverse steps (default: preset('toy'), 300; paper: 1000)")
+    demo.add_argument("--step-lr", type=float, default=None,
+                      help="corrector step size (default and paper: 1e-5)")
+    demo.add_argument("--guide-corrector", action=argparse.BooleanOptionalAction, default=None,
+                      help="add the guidance to the corrector's score too (default: preset('toy'), on; the paper's "
+                           "sampler guides the predictor only)")
+    demo.add_argument("--guidance-jacobian", action=argparse.BooleanOptionalAction, default=None,
+                      help="differentiate the guidance through the network (default: preset('toy'), off: the score "
+                           "is held constant in d loss / d x_t, see docs/xrd_guided_diffusion.md)")
+    demo.add_argument("--candidates", type=int, default=4,
                       help="also report guided best-of-K: K candidates per structure, the best intensity fit kept "
-                           "(1: skip; 8 adds about 50 s on 2 cores)")
+                           "(1: skip)")
     demo.add_argument("--n-samples", type=int, default=100, help="samples per crystal")
-    demo.add_argument("--ranked-samples", type=int, default=40,
+    demo.add_argument("--ranked-samples", type=int, default=20,
                       help="kept structures per crystal in the best-of-K column (each costs K samples)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")

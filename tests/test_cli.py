@@ -23,6 +23,9 @@ def test_demo_writes_results_structures_and_png(tmp_path, capsys):
     assert res["settings"]["step_lr"] == 3e-5  # read back from the fitted model, so the option reached it
     assert res["settings"]["epochs"] == 1 and res["settings"]["ranked_samples"] == 1
     assert res["settings"]["network"]["lmax"] == 1  # the toy preset's network
+    # options left unset keep the preset's sampler: guided corrector, gradient without the network Jacobian
+    assert res["settings"]["guide_corrector"] is True and res["settings"]["guidance_jacobian"] is False
+    assert res["settings"]["score_ratio"] == 1.5 and res["settings"]["n_steps"] == 3
     assert res["seconds"]["total"] >= res["seconds"]["fit"] > 0
     assert "+exchange" in printed and res["seconds"]["per_structure_site_exchange"] > 0
     for name in ("crystal-1", "crystal-2"):
@@ -33,6 +36,17 @@ def test_demo_writes_results_structures_and_png(tmp_path, capsys):
         assert [a.get_chemical_symbols() for a in refined] == [a.get_chemical_symbols() for a in frames]
     assert len(ase.io.read(out / "unguided.extxyz", index=":")) == 2
     assert (out / "intensities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_guidance_switches_reach_the_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--n-train", "16", "--epochs", "1", "--steps", "2", "--n-samples", "1", "--threads", "1",
+               "--candidates", "1", "--no-guide-corrector", "--guidance-jacobian", "--score-ratio", "4",
+               "--output", str(out)])
+    assert rc == 0
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["guide_corrector"] is False and settings["guidance_jacobian"] is True
+    assert settings["score_ratio"] == 4.0 and "score ratio 1:4" in capsys.readouterr().out
 
 
 def test_demo_rejects_unknown_option(capsys):

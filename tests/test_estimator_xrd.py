@@ -424,6 +424,13 @@ def test_presets_are_valid_and_table1_matches_its_benchmark():
     best = max(bench["settings"]["score_ratio"],
                key=lambda r: min(bench["results"][f"guided 1:{r:g}"].values()))
     assert params["score_ratio"] == best
+    # "toy" carries the settings of the committed demo run (crystalfit demo, benchmarks/results/demo_toy.json)
+    demo = json.loads((results / "demo_toy.json").read_text())["settings"]
+    params = XRDGuidedDiffusion.preset("toy").get_params()
+    for key in ("n_steps", "score_ratio", "step_lr", "guide_corrector", "guidance_jacobian", "learning_rate",
+                "batch_size"):
+        assert params[key] == demo[key], key
+    assert params["max_epochs"] == demo["epochs"] and params["network"]["lmax"] == demo["network"]["lmax"]
     # the CSP presets carry the settings of their committed benchmarks (Carbon-24: the validation-chosen ratio)
     for name, stem, ratio_key in (("perov_5", "xrd_csp_perov_5_niggli", None),
                                   ("carbon_24", "xrd_csp_carbon_24_niggli_val", "chosen_score_ratio")):
