@@ -12,6 +12,7 @@ Usage (each writes benchmarks/results/xrd_<experiment>.json and .md)::
     python benchmarks/xrd_guidance.py arrangement-loss --models DIR [DIR ...]   # saved Crystal-1/2 models
     python benchmarks/xrd_guidance.py oracle     # no training: the exact score of the Crystal-1/2 data as prior
     python benchmarks/xrd_guidance.py table2-diagnosis --model DIR   # what Table 2's samples are (sites, R-factors)
+    python benchmarks/xrd_guidance.py failures --model DIR   # what Table 1's guided samples are when they miss
 
 All runs: CPU, torch.set_num_threads(--threads), float32, fixed seeds.
 """
@@ -91,6 +92,8 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
               ema_decay=args.ema_decay, timestep_density=args.timestep_density,
               augment_basis=args.augment_basis, guide_corrector=args.guide_corrector,
               guidance_jacobian=args.guidance_jacobian)
+    if args.network:
+        kw["network"] = json.loads(args.network)
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
@@ -298,6 +301,86 @@ def table1(args) -> None:
                                                          if t_ex else {}),
                                                       **{f"per_structure_best_of_{K} {k}": v for k, v in t_k.items()})),
           "\n".join(md))
+
+
+# --------------------------------------------------------------------- what the failures are
+def perovskite_arrangement_refs(species=("Tl", "Co", "O", "N", "N")) -> dict:
+    """Every distinct way to put ``species`` on the 5 perovskite sites, up to the cubic symmetry of the
+    cell: which species is on the corner, which in the body centre (the three faces are equivalent).
+    Keys ``"corner|body|faces"`` (faces sorted), values noise-free cells (13 for CoN2OTl)."""
+    out = {}
+    for body in sorted(set(species)):
+        rest = list(species)
+        rest.remove(body)
+        for corner in sorted(set(rest)):
+            faces = list(rest)
+            faces.remove(corner)
+            key = f"{corner}|{body}|{''.join(sorted(faces))}"
+            out.setdefault(key, make_perovskite([corner, body] + sorted(faces)))
+    return out
+
+
+def min_distance(atoms) -> float:
+    """Shortest interatomic distance of a cell (minimum image), Angstrom."""
+    d = atoms.get_all_distances(mic=True)
+    np.fill_diagonal(d, np.inf)
+    return float(d.min())
+
+
+def classify_samples(structures, refs: dict, d_min: float = 0.5) -> dict:
+    """Count ``structures`` by the arrangement of ``refs`` they match (Table 1 tolerances, first match wins);
+    the unmatched ones split into "two atoms < d_min A" and "off-site" (no arrangement within stol 0.05)."""
+    n = len(structures)
+    label = np.array([""] * n, dtype=object)
+    for key, ref in refs.items():
+        hit = np.isfinite(match_rms(structures, [ref] * n, **TOL_TABLE1)) & (label == "")
+        label[hit] = key
+    for i, s in enumerate(structures):
+        if label[i] == "":
+            label[i] = f"two atoms < {d_min:g} A" if min_distance(s) < d_min else "off-site"
+    keys, counts = np.unique(label, return_counts=True)
+    return {str(k): int(c) for k, c in zip(keys, counts)}
+
+
+def failures(args) -> None:
+    """What the guided Table 1 samples are when they miss: another arrangement (13 on the 5 sites), two atoms
+    on top of each other, or off the sites; lattice generated (as in Table 1) and given (the true cell)."""
+    train, model, t_fit, targets, _ = _crystal12_model(args)
+    refs = perovskite_arrangement_refs()
+    names = {"crystal-1": "O|N|CoNTl", "crystal-2": "Tl|O|CoNN"}
+    res, rows = {}, []
+    for r in args.score_ratio:
+        model.set_params(score_ratio=r)
+        for mode in ("lattice generated", "lattice given"):
+            for k, name in enumerate(CRYSTALS_12):
+                lat = dict(lattice=targets[name].cell[:]) if mode == "lattice given" else {}
+                out = model.sample("CoN2OTl", n_samples=args.n_samples,
+                                   intensities=single_crystal_intensities(targets[name]),
+                                   random_state=args.seed + 2 + k, **lat)
+                counts = classify_samples(out, refs)
+                other = names["crystal-2" if name == "crystal-1" else "crystal-1"]
+                row = dict(target=counts.get(names[name], 0), other_crystal=counts.get(other, 0),
+                           other_arrangement=sum(v for kk, v in counts.items() if "|" in kk
+                                                 and kk not in names.values()),
+                           collapsed=counts.get("two atoms < 0.5 A", 0), off_site=counts.get("off-site", 0),
+                           counts=counts, seconds_per_structure=model.last_sample_stats_["seconds_per_structure"])
+                res[f"1:{r:g}, {mode}, {name}"] = row
+                rows.append(f"| 1:{r:g} | {mode} | {name} | {row['target']} | {row['other_crystal']} | "
+                            f"{row['other_arrangement']} | {row['collapsed']} | {row['off_site']} |")
+                print(rows[-1], flush=True)
+    md = ["| ratio | lattice | guided towards | target | the other crystal | another arrangement | "
+          "two atoms < 0.5 A | off the sites |", "|---|---|---|---|---|---|---|---|", *rows, "",
+          f"{args.n_samples} guided samples per row (counts), 1-sample protocol.  Each sample is matched "
+          "(StructureMatcher stol 0.05, angle_tol 10, ltol 0.3) against the 13 arrangements of Co, N2, O, Tl on the "
+          "5 perovskite sites (corner, body centre, three faces); an unmatched sample is 'two atoms < 0.5 A' when its "
+          "shortest interatomic distance is below 0.5 A, else 'off the sites'.  'lattice given': the same model "
+          "sampled on the true cubic cell (`sample(lattice=...)`).  Sampler: "
+          f"{args.steps} steps, corrector step_lr {args.step_lr:g}, score ratio against "
+          f"{'the score' if args.ratio_reference == 'score' else 'the prediction'}; "
+          f"train {len(train)} noisy structures, {args.epochs} epochs." + training_note(args)
+          + corrector_note(args)]
+    write("table1_failures" + _suffix(args), dict(results=res, settings=dict(vars(args), n_train_total=len(train)),
+                                                  seconds=dict(fit=t_fit)), "\n".join(md))
 
 
 # --------------------------------------------------------------------- table 2
@@ -1011,7 +1094,7 @@ def oracle(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("experiment", choices=["table1", "table2", "d1", "csp", "speed", "ablation", "search",
-                                                  "arrangement-loss", "oracle", "table2-diagnosis"])
+                                                  "arrangement-loss", "oracle", "table2-diagnosis", "failures"])
     p.add_argument("--dataset", default="perov_5")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
@@ -1044,6 +1127,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--ema-decay", type=float, default=0.0,
                    help="keep the exponential moving average of the weights (decay per step; 0: last iterate)")
+    p.add_argument("--network", default=None,
+                   help='network size as JSON, e.g. \'{"hidden_scalars": 128, "n_layers": 4}\' '
+                        "(XRDGuidedDiffusion(network=...)); default: the estimator's")
     p.add_argument("--models", nargs="+", default=None, help="arrangement-loss: saved model directories")
     p.add_argument("--augment-basis", action="store_true",
                    help="train on random signed-permutation relabellings of each cell's basis "
@@ -1078,7 +1164,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     {"table1": table1, "table2": table2, "d1": table_d1, "csp": csp, "speed": speed,
      "ablation": ablation, "search": search_baseline, "arrangement-loss": arrangement_loss,
-     "oracle": oracle, "table2-diagnosis": table2_diagnosis}[args.experiment](args)
+     "oracle": oracle, "table2-diagnosis": table2_diagnosis, "failures": failures}[args.experiment](args)
 
 
 if __name__ == "__main__":

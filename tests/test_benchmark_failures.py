@@ -1,0 +1,49 @@
+"""The failure classes of ``benchmarks/xrd_guidance.py failures`` (Table 1's guided samples)."""
+import importlib.util
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalfit.datasets import make_perovskite
+
+pytest.importorskip("pymatgen")
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "xrd_guidance.py"
+    spec = importlib.util.spec_from_file_location("xrd_guidance_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_arrangement_classes_cover_every_site_assignment_once():
+    bench = _bench()
+    refs = bench.perovskite_arrangement_refs()
+    assert len(refs) == 13
+    # brute force: all 5!/2 = 60 assignments of Tl, Co, O, N, N to the 5 sites fall in exactly one class
+    assignments = sorted(set(itertools.permutations(["Tl", "Co", "O", "N", "N"])))
+    assert len(assignments) == 60
+    cells = [make_perovskite(list(a)) for a in assignments]
+    hits = np.array([np.isfinite(bench.match_rms(cells, [ref] * len(cells), **bench.TOL_TABLE1))
+                     for ref in refs.values()])
+    assert (hits.sum(axis=0) == 1).all()
+    assert (hits.sum(axis=1) >= 1).all()
+
+
+def test_classify_samples_names_target_collapse_and_off_site():
+    bench = _bench()
+    refs = bench.perovskite_arrangement_refs()
+    c1, c2 = make_perovskite("crystal-1"), make_perovskite("crystal-2")
+    collapsed = c2.copy()
+    pos = collapsed.get_scaled_positions()
+    pos[3] = pos[2] + [0.02, 0.0, 0.0]  # the two N on one face site
+    collapsed.set_scaled_positions(pos)
+    off = c2.copy()
+    pos = off.get_scaled_positions()
+    pos[0] += [0.15, 0.0, 0.0]  # Tl 0.64 A off its corner
+    off.set_scaled_positions(pos)
+    counts = bench.classify_samples([c1, c2, c2, collapsed, off], refs)
+    assert counts == {"O|N|CoNTl": 1, "Tl|O|CoNN": 2, "two atoms < 0.5 A": 1, "off-site": 1}
