@@ -80,6 +80,17 @@ def write(name: str, payload: dict, table_md: str) -> None:
     print("\n".join(md))
 
 
+#: Estimator parameters that only affect sampling: applied to a loaded or continued model.
+SAMPLING_KEYS = ("n_steps", "zero_variance", "score_ratio", "step_lr", "verbose", "expected_intensity",
+                 "ratio_reference", "guide_corrector", "guidance_jacobian")
+
+
+def _fit_seconds(model_dir) -> float:
+    """Training time stored beside a saved model (NaN when it was not recorded)."""
+    fit_file = Path(model_dir) / "fit_seconds.txt"
+    return float(fit_file.read_text()) if fit_file.exists() else float("nan")
+
+
 def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
     """Fit (or, with ``--model DIR`` naming a saved model, load) and apply the sampling settings.
 
@@ -97,19 +108,26 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
     kw.update(params)
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
-        sampling = {k: kw[k] for k in ("n_steps", "zero_variance", "score_ratio", "step_lr", "verbose",
-                                       "expected_intensity", "ratio_reference", "guide_corrector", "guidance_jacobian")
-                    if k in kw}
+        sampling = {k: kw[k] for k in SAMPLING_KEYS if k in kw}
         model.set_params(**sampling)
-        fit_file = Path(args.model) / "fit_seconds.txt"
-        t_fit = float(fit_file.read_text()) if fit_file.exists() else float("nan")
+        t_fit = _fit_seconds(args.model)
         print(f"loaded {args.model} ({model.n_epochs_} epochs); sampling settings {sampling}", flush=True)
         _record(model, args.model)
         return model, t_fit
-    model = XRDGuidedDiffusion(**kw)
+    t_before = 0.0
+    if args.continue_from:  # warm start: --epochs more epochs of a saved model's network
+        model = XRDGuidedDiffusion.load(args.continue_from)
+        model.set_params(warm_start=True, max_epochs=args.epochs, learning_rate=args.lr, ema_decay=args.ema_decay,
+                         verbose=args.verbose)
+        t_before = _fit_seconds(args.continue_from)
+        print(f"continuing {args.continue_from} ({model.n_epochs_} epochs) for {args.epochs} more", flush=True)
+    else:
+        model = XRDGuidedDiffusion(**kw)
     t0 = time.perf_counter()
     model.fit(train)
-    t_fit = time.perf_counter() - t0
+    t_fit = time.perf_counter() - t0 + t_before
+    if args.continue_from:
+        model.set_params(warm_start=False, **{k: kw[k] for k in SAMPLING_KEYS if k in kw})
     print(f"fitted {model.n_epochs_} epochs in {t_fit:.0f} s, final loss {model.history_[-1]:.4f}", flush=True)
     if args.model:
         model.save(args.model)
@@ -377,7 +395,10 @@ def failures(args) -> None:
           "sampled on the true cubic cell (`sample(lattice=...)`).  Sampler: "
           f"{args.steps} steps, corrector step_lr {args.step_lr:g}, score ratio against "
           f"{'the score' if args.ratio_reference == 'score' else 'the prediction'}; "
-          f"train {len(train)} noisy structures, {args.epochs} epochs." + training_note(args)
+          f"train {len(train)} noisy structures, {model.n_epochs_} epochs"
+          + (f" (the last {args.epochs} continued from {args.continue_from} with learning rate {args.lr:g}"
+             f"{f', EMA decay {args.ema_decay:g}' if args.ema_decay else ''})" if args.continue_from else "") + "."
+          + training_note(args)
           + corrector_note(args)]
     write("table1_failures" + _suffix(args), dict(results=res, settings=dict(vars(args), n_train_total=len(train)),
                                                   seconds=dict(fit=t_fit)), "\n".join(md))
@@ -1127,6 +1148,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--ema-decay", type=float, default=0.0,
                    help="keep the exponential moving average of the weights (decay per step; 0: last iterate)")
+    p.add_argument("--continue-from", default=None,
+                   help="directory of a saved model: train its network --epochs more epochs (warm_start=True, "
+                        "learning rate --lr, EMA --ema-decay) on the experiment's training set; saved to --model")
     p.add_argument("--network", default=None,
                    help='network size as JSON, e.g. \'{"hidden_scalars": 128, "n_layers": 4}\' '
                         "(XRDGuidedDiffusion(network=...)); default: the estimator's")

@@ -253,7 +253,7 @@ def test_self_condition_save_load_and_old_models(data, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["zero_variance", "expected_intensity", "learn_lattice", "self_condition",
-                                  "guide_corrector", "guidance_jacobian"])
+                                  "guide_corrector", "guidance_jacobian", "warm_start"])
 def test_boolean_params_validated(data, name):
     with pytest.raises(CrystalfitError, match=f"{name} must be True or False, got 'yes'"):
         _model(**{name: "yes"}).fit(data)
@@ -610,3 +610,38 @@ def test_sample_exchange_sites_is_the_public_refinement(fitted):
         fitted.sample("CoN2OTl", exchange_sites=True)
     with pytest.raises(CrystalfitError, match="exchange_sites must be True or False, got 'yes'"):
         fitted.sample("CoN2OTl", intensities=I, exchange_sites="yes")
+
+
+def test_warm_start_continues_the_fitted_network(data, tmp_path):
+    first = _model(max_epochs=2).fit(data)
+    w2 = {k: v.clone() for k, v in first.module_.state_dict().items()}
+    hist2 = list(first.history_)
+    # warm: 1 more epoch on the same network; history goes on, weights move from where they were
+    first.set_params(warm_start=True, max_epochs=1).fit(data)
+    assert first.n_epochs_ == 3 and first.history_[:2] == hist2 and len(first.history_) == 3
+    moved = max(float((v - w2[k]).abs().max()) for k, v in first.module_.state_dict().items() if v.numel())
+    assert moved > 0
+    # the same continuation from a saved model (resume): identical to continuing in memory
+    again = _model(max_epochs=2).fit(data)
+    again.save(tmp_path / "m")
+    resumed = XRDGuidedDiffusion.load(tmp_path / "m").set_params(warm_start=True, max_epochs=1).fit(data)
+    for k, v in resumed.module_.state_dict().items():
+        assert torch.equal(v, first.module_.state_dict()[k])
+    # the continuation is not a new network: a cold fit of 1 epoch is something else
+    cold = _model(max_epochs=1).fit(data)
+    assert cold.n_epochs_ == 1
+    assert any(not torch.equal(v, first.module_.state_dict()[k]) for k, v in cold.module_.state_dict().items())
+    # warm_start without a fitted network is an ordinary fit
+    assert _model(max_epochs=1, warm_start=True).fit(data).n_epochs_ == 1
+
+
+def test_warm_start_refuses_changed_network_settings(data):
+    model = _model(max_epochs=1).fit(data)
+    model.set_params(warm_start=True, network=dict(TINY, hidden_scalars=8))
+    with pytest.raises(CrystalfitError, match="warm_start=True continues the fitted network, but network changed"):
+        model.fit(data)
+    model.set_params(network=dict(TINY), learn_lattice=False)
+    with pytest.raises(CrystalfitError, match="but learn_lattice, polar_lattice changed"):
+        model.fit(data)
+    model.set_params(learn_lattice=True, warm_start=False, network=dict(TINY, hidden_scalars=8))
+    assert model.fit(data).n_epochs_ == 1  # a cold fit takes any settings

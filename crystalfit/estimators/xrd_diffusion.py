@@ -108,6 +108,15 @@ class XRDGuidedDiffusion(CrystalEstimator):
         2 network calls per step).  ``1000`` is the paper's full grid.
     max_epochs, batch_size, learning_rate : training settings (Adam, ReduceLROnPlateau
         factor 0.6 / patience 30, gradient clipping by value 0.5, as DiffCSP).
+    warm_start : bool
+        False (default): :meth:`fit` builds a new network.  True: a fitted model continues
+        training its network for ``max_epochs`` more epochs on the structures given (any
+        structures, e.g. the same set again); ``history_`` and ``n_epochs_`` go on counting.
+        The optimiser starts afresh (Adam moments reset, learning rate back to
+        ``learning_rate``, so a continuation usually wants a lower one), the training noise is
+        drawn from ``random_state`` offset by the epochs already done, and the network
+        settings (``network``, ``learn_lattice``, ``self_condition``, ``polar_lattice``) must
+        be those the model was fitted with.  Use it to train in chunks on a CPU or to resume.
     ema_decay : float in [0, 1)
         0 (default) keeps the last optimiser iterate, as DiffCSP.  Otherwise the fitted
         weights are the exponential moving average of the iterates (decay per optimiser
@@ -241,6 +250,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         max_epochs: int = 100,
         batch_size: int = 256,
         learning_rate: float = 1e-3,
+        warm_start: bool = False,
         ema_decay: float = 0.0,
         timestep_density: str = "uniform",
         augment_basis: bool = False,
@@ -267,6 +277,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.warm_start = warm_start
         self.ema_decay = ema_decay
         self.timestep_density = timestep_density
         self.augment_basis = augment_basis
@@ -338,6 +349,23 @@ class XRDGuidedDiffusion(CrystalEstimator):
         return CSPDenoiser(self_condition=getattr(self, "self_conditioned_", False),
                            polar_lattice=getattr(self, "polar_lattice_", False), **self.network_settings())
 
+    def _check_warm_start(self) -> None:
+        """``warm_start=True`` continues the fitted network: its settings must not have changed."""
+        changed = [name for name, fitted, now in (
+            ("learn_lattice", self.learned_lattice_, bool(self.learn_lattice)),
+            ("self_condition", self.self_conditioned_, bool(self.learn_lattice and self.self_condition)),
+            ("polar_lattice", self.polar_lattice_, bool(self.learn_lattice and self.polar_lattice)),
+        ) if fitted != now]
+        fresh = {k: tuple(v.shape) for k, v in self._build_module().state_dict().items()}
+        fitted = {k: tuple(v.shape) for k, v in self.module_.state_dict().items()}
+        if fresh != fitted:
+            changed.append("network")
+        if changed:
+            raise CrystalfitError(
+                f"warm_start=True continues the fitted network, but {', '.join(changed)} changed since it was fitted; "
+                "restore the settings it was fitted with, or set warm_start=False to train a new network"
+            )
+
     def _validate_params(self) -> None:
         self._validate_common_params()
         for name in ("n_steps", "timesteps"):
@@ -366,7 +394,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
         for name in ("zero_variance", "expected_intensity", "learn_lattice", "self_condition", "polar_lattice",
-                     "augment_basis", "guide_corrector", "guidance_jacobian", "verbose"):
+                     "augment_basis", "guide_corrector", "guidance_jacobian", "warm_start", "verbose"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise CrystalfitError(f"{name} must be True or False, got {getattr(self, name)!r}")
         from ..guidance.xrd_guidance import RATIO_REFERENCES
@@ -426,17 +454,27 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self._validate_params()
         batch = structures_to_batch(X)
         device = self._device()
-        seed = seed_from_random_state(self.random_state)
+        warm = bool(self.warm_start) and getattr(self, "module_", None) is not None
+        seed = seed_from_random_state(self.random_state) + (int(self.n_epochs_) if warm else 0)
         torch.manual_seed(seed)
         gen = make_generator(seed, device)
-        self.elements_ = sorted(set(int(z) for z in batch.numbers.tolist()))
-        self.max_atoms_ = int(batch.num_atoms.max())
-        self.learned_lattice_ = bool(self.learn_lattice)
-        self.self_conditioned_ = bool(self.learn_lattice and self.self_condition)
-        self.polar_lattice_ = bool(self.learn_lattice and self.polar_lattice)
-        self.lattice_norm_max_ = float(torch.linalg.matrix_norm(batch.lattice).max())
-        self.history_ = []
-        self.module_ = self._build_module().to(device)
+        elements = set(int(z) for z in batch.numbers.tolist())
+        norm_max = float(torch.linalg.matrix_norm(batch.lattice).max())
+        if warm:
+            self._check_warm_start()
+            self.elements_ = sorted(elements | set(self.elements_))
+            self.max_atoms_ = max(int(batch.num_atoms.max()), int(self.max_atoms_))
+            self.lattice_norm_max_ = max(norm_max, float(self.lattice_norm_max_))
+            self.module_ = self.module_.to(device)
+        else:
+            self.elements_ = sorted(elements)
+            self.max_atoms_ = int(batch.num_atoms.max())
+            self.learned_lattice_ = bool(self.learn_lattice)
+            self.self_conditioned_ = bool(self.learn_lattice and self.self_condition)
+            self.polar_lattice_ = bool(self.learn_lattice and self.polar_lattice)
+            self.lattice_norm_max_ = norm_max
+            self.history_ = []
+            self.module_ = self._build_module().to(device)
         data = batch.to(device=device, dtype=torch.float32)
         lattice_p, torus_p = self._processes(device)
         T = int(self.timesteps)
