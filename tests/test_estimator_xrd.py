@@ -645,3 +645,16 @@ def test_warm_start_refuses_changed_network_settings(data):
         model.fit(data)
     model.set_params(learn_lattice=True, warm_start=False, network=dict(TINY, hidden_scalars=8))
     assert model.fit(data).n_epochs_ == 1  # a cold fit takes any settings
+
+
+def test_sample_reports_min_distance_and_overlapping_structures(fitted):
+    I = single_crystal_intensities(make_perovskite("crystal-1"))
+    for kw in ({}, dict(intensities=I)):
+        out = fitted.sample("CoN2OTl", n_samples=4, random_state=1, **kw)
+        ref = []
+        for a in out:  # independent reference: ASE's minimum-image distances
+            d = a.get_all_distances(mic=True)
+            np.fill_diagonal(d, np.inf)
+            ref.append(d.min())
+        np.testing.assert_allclose([a.info["min_distance"] for a in out], ref, atol=1e-6)
+        assert fitted.last_sample_stats_["n_overlapping"] == int(np.sum(np.array(ref) < 0.5))

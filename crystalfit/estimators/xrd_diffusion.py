@@ -38,6 +38,7 @@ from ..exceptions import (
 )
 from ..geometry import relabel_basis, signed_permutations
 from ..io import batch_to_atoms, parse_composition, structures_to_batch
+from ..metrics.validity import STRUCT_MIN_DISTANCE
 from ..nn import PeriodicEquivariantNetwork, lattice_invariants
 from ..nn.embeddings import N_LATTICE_INVARIANTS
 from ..sampling import predictor_corrector_sample
@@ -218,7 +219,11 @@ class XRDGuidedDiffusion(CrystalEstimator):
     max_atoms_ : int, largest training structure
     history_ : list of float, mean training loss per epoch
     n_epochs_ : int
-    last_sample_stats_ : dict, timing of the last :meth:`sample` call
+    last_sample_stats_ : dict, timing of the last :meth:`sample` call (``seconds``,
+        ``seconds_per_structure``, ``n_model_calls``, ``n_structures``, ``n_returned``, ``guided``) and
+        ``n_overlapping``: returned structures with two atoms closer than 0.5 A (structurally invalid by
+        the field's criterion, SPEC.md 2.2; strong guidance makes them, docs/xrd_guided_diffusion.md,
+        "Valid structures only"); every returned structure has ``info["min_distance"]`` (Angstrom)
 
     Examples
     --------
@@ -845,8 +850,9 @@ class XRDGuidedDiffusion(CrystalEstimator):
             raise CrystalfitError("sampling produced non-finite values; lower step_lr or score_ratio")
         keep = np.arange(B)
         r_factors = None
+        from ..geometry import min_pair_distance
+
         if target is not None:
-            from ..geometry import min_pair_distance
             from ..metrics import best_candidates, r_factor
             from ..xrd import exchange_site_positions, structure_factor_intensities
 
@@ -857,7 +863,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
             i_calc = structure_factor_intensities(frac, numbers, lat, batch_idx, torch.as_tensor(hkl, device=device),
                                                   validate=False)
             r_factors = np.atleast_1d(r_factor(i_calc.cpu().numpy(), target[entry_of], fit_scale=True))
-            min_dist = min_pair_distance(frac, lat, batch_idx, B).cpu().numpy()
+        # shortest interatomic distance of every structure (after any site exchange): the candidates' ranking
+        # excludes overlapping atoms, and users see how many returned structures have them
+        min_dist = min_pair_distance(frac, lat, batch_idx, B).cpu().numpy()
+        if target is not None:
             keep = best_candidates(r_factors, min_dist, n_candidates)
         elapsed = time.perf_counter() - start
         self.last_sample_stats_ = dict(
@@ -866,6 +875,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
             n_model_calls=int(result.n_model_calls),
             n_structures=B,
             n_returned=len(keep),
+            n_overlapping=int(np.sum(min_dist[keep] < STRUCT_MIN_DISTANCE)),
             guided=guidance is not None,
         )
         out_batch = CrystalBatch(
@@ -883,10 +893,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 entry=int(entry_of[i]),
                 sample=int((i // n_candidates) % n_samples),
                 guided=guidance is not None,
+                min_distance=float(min_dist[i]),
             )
             if r_factors is not None:
-                info.update(r_factor=float(r_factors[i]), min_distance=float(min_dist[i]),
-                            n_candidates=int(n_candidates))
+                info.update(r_factor=float(r_factors[i]), n_candidates=int(n_candidates))
                 if exchange_sites:
                     info.update(n_exchanges=int(n_swaps[i]), r_factor_before_exchange=float(r_before[i]))
             extra.append(info)
