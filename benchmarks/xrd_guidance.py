@@ -107,9 +107,9 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
     if args.network:
         kw["network"] = json.loads(args.network)
     kw.update(params)
+    sampling = {k: kw[k] for k in SAMPLING_KEYS if k in kw}
     if args.model and (Path(args.model) / "params.json").exists():
         model = XRDGuidedDiffusion.load(args.model)
-        sampling = {k: kw[k] for k in SAMPLING_KEYS if k in kw}
         model.set_params(**sampling)
         t_fit = _fit_seconds(args.model)
         print(f"loaded {args.model} ({model.n_epochs_} epochs); sampling settings {sampling}", flush=True)
@@ -128,7 +128,7 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
     model.fit(train)
     t_fit = time.perf_counter() - t0 + t_before
     if args.continue_from:
-        model.set_params(warm_start=False, **{k: kw[k] for k in SAMPLING_KEYS if k in kw})
+        model.set_params(warm_start=False, **sampling)
     print(f"fitted {model.n_epochs_} epochs in {t_fit:.0f} s, final loss {model.history_[-1]:.4f}", flush=True)
     if args.model:
         model.save(args.model)
@@ -323,10 +323,17 @@ def table1(args) -> None:
 
 
 # --------------------------------------------------------------------- what the failures are
+def arrangement_key(symbols) -> str:
+    """``"corner|body|faces"`` (faces sorted) of 5 symbols on :data:`PEROVSKITE_SITES` (the three faces are
+    equivalent under the cubic symmetry of the cell)."""
+    corner, body, *faces = symbols
+    return f"{corner}|{body}|{''.join(sorted(faces))}"
+
+
 def perovskite_arrangement_refs(species=("Tl", "Co", "O", "N", "N")) -> dict:
     """Every distinct way to put ``species`` on the 5 perovskite sites, up to the cubic symmetry of the
-    cell: which species is on the corner, which in the body centre (the three faces are equivalent).
-    Keys ``"corner|body|faces"`` (faces sorted), values noise-free cells (13 for CoN2OTl)."""
+    cell: which species is on the corner, which in the body centre.  Keys :func:`arrangement_key`, values
+    noise-free cells (13 for CoN2OTl)."""
     out = {}
     for body in sorted(set(species)):
         rest = list(species)
@@ -334,29 +341,28 @@ def perovskite_arrangement_refs(species=("Tl", "Co", "O", "N", "N")) -> dict:
         for corner in sorted(set(rest)):
             faces = list(rest)
             faces.remove(corner)
-            key = f"{corner}|{body}|{''.join(sorted(faces))}"
-            out.setdefault(key, make_perovskite([corner, body] + sorted(faces)))
+            symbols = [corner, body] + sorted(faces)
+            out.setdefault(arrangement_key(symbols), make_perovskite(symbols))
     return out
 
 
-def min_distance(atoms) -> float:
-    """Shortest interatomic distance of a cell (minimum image), Angstrom."""
-    d = atoms.get_all_distances(mic=True)
-    np.fill_diagonal(d, np.inf)
-    return float(d.min())
+#: Label of :func:`classify_samples` for an unmatched sample with two atoms closer than 0.5 A.
+COLLAPSED = "two atoms < 0.5 A"
 
 
-def classify_samples(structures, refs: dict, d_min: float = 0.5) -> dict:
+def classify_samples(structures, refs: dict) -> dict:
     """Count ``structures`` by the arrangement of ``refs`` they match (Table 1 tolerances, first match wins);
-    the unmatched ones split into "two atoms < d_min A" and "off-site" (no arrangement within stol 0.05)."""
+    the unmatched ones split into :data:`COLLAPSED` (structurally invalid: two atoms closer than 0.5 A,
+    ``structure_validity``) and "off-site" (no arrangement within stol 0.05)."""
     n = len(structures)
     label = np.array([""] * n, dtype=object)
     for key, ref in refs.items():
         hit = np.isfinite(match_rms(structures, [ref] * n, **TOL_TABLE1)) & (label == "")
         label[hit] = key
-    for i, s in enumerate(structures):
-        if label[i] == "":
-            label[i] = f"two atoms < {d_min:g} A" if min_distance(s) < d_min else "off-site"
+    rest = np.flatnonzero(label == "")
+    if len(rest):
+        valid = structure_validity([structures[i] for i in rest])
+        label[rest] = np.where(valid, "off-site", COLLAPSED)
     keys, counts = np.unique(label, return_counts=True)
     return {str(k): int(c) for k, c in zip(keys, counts)}
 
@@ -366,7 +372,7 @@ def failures(args) -> None:
     on top of each other, or off the sites; lattice generated (as in Table 1) and given (the true cell)."""
     train, model, t_fit, targets, _ = _crystal12_model(args)
     refs = perovskite_arrangement_refs()
-    names = {"crystal-1": "O|N|CoNTl", "crystal-2": "Tl|O|CoNN"}
+    names = {name: arrangement_key(targets[name].get_chemical_symbols()) for name in CRYSTALS_12}
     res, rows = {}, []
     for r in args.score_ratio:
         model.set_params(score_ratio=r)
@@ -381,7 +387,7 @@ def failures(args) -> None:
                 row = dict(target=counts.get(names[name], 0), other_crystal=counts.get(other, 0),
                            other_arrangement=sum(v for kk, v in counts.items() if "|" in kk
                                                  and kk not in names.values()),
-                           collapsed=counts.get("two atoms < 0.5 A", 0), off_site=counts.get("off-site", 0),
+                           collapsed=counts.get(COLLAPSED, 0), off_site=counts.get("off-site", 0),
                            counts=counts, seconds_per_structure=model.last_sample_stats_["seconds_per_structure"])
                 res[f"1:{r:g}, {mode}, {name}"] = row
                 rows.append(f"| 1:{r:g} | {mode} | {name} | {row['target']} | {row['other_crystal']} | "

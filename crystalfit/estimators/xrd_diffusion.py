@@ -36,7 +36,7 @@ from ..exceptions import (
     TooManyAtomsError,
     UnknownElementError,
 )
-from ..geometry import relabel_basis, signed_permutations
+from ..geometry import min_pair_distance, relabel_basis, signed_permutations
 from ..io import batch_to_atoms, parse_composition, structures_to_batch
 from ..metrics.validity import STRUCT_MIN_DISTANCE
 from ..nn import PeriodicEquivariantNetwork, lattice_invariants
@@ -850,8 +850,6 @@ class XRDGuidedDiffusion(CrystalEstimator):
             raise CrystalfitError("sampling produced non-finite values; lower step_lr or score_ratio")
         keep = np.arange(B)
         r_factors = None
-        from ..geometry import min_pair_distance
-
         if target is not None:
             from ..metrics import best_candidates, r_factor
             from ..xrd import exchange_site_positions, structure_factor_intensities
