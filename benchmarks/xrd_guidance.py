@@ -184,6 +184,12 @@ def corrector_note(args) -> str:
     return note + jacobian_note(args)
 
 
+def intensity_note(args) -> str:
+    if not getattr(args, "paper_intensity", False):
+        return ""
+    return " Guidance compares the paper's Eq. 40 |E F|^2 instead of E|F|^2 (--paper-intensity)."
+
+
 def jacobian_note(args) -> str:
     if getattr(args, "guidance_jacobian", True):
         return ""
@@ -466,7 +472,7 @@ def table2(args) -> None:
               f"{'zero-variance' if args.zero_variance else 'stochastic'} sampling, {args.steps} steps, "
               f"corrector step_lr {args.step_lr:g}."
               + training_note(args) + ranked_note(args) + exchange_note(args) + corrector_note(args)
-              + " Last row: fraction of structures with Co at Crystal-2's offset from Tl (within 0.1 per "
+              + intensity_note(args) + " Last row: fraction of structures with Co at Crystal-2's offset from Tl (within 0.1 per "
                 "fractional coordinate, in the generated cell's basis); the heavy atoms dominate the intensities, "
                 "and neither training crystal has this offset.")
     write("table2" + _suffix(args), dict(results=res, heavy_frame=frame, overlapping=overlapping, paper=paper,
@@ -552,7 +558,8 @@ def table_d1(args) -> None:
           f"{args.steps} steps, corrector step_lr {args.step_lr:g}. A random placement is a superlattice 4 times in 28 "
           f"(14.3%). On FCC sites: every atom within 0.12 A of a site after the best common translation; "
           f"two atoms < 0.5 A: structurally invalid (CDVAE's cut-off)."
-          + training_note(args) + ranked_note(args) + exchange_note(args) + corrector_note(args)]
+          + training_note(args) + ranked_note(args) + exchange_note(args) + corrector_note(args)
+          + intensity_note(args)]
     write("tableD1" + _suffix(args), dict(results=res, on_sites=on_sites, overlapping=overlapping, paper=paper,
                                           settings=vars(args), seconds=dict(fit=t_fit)), "\n".join(md))
 
@@ -1021,11 +1028,13 @@ def oracle_model_fn(torus, modes, n_atoms: int, tau: float = 0.01, translation_i
 
 
 def _oracle_sample(model_fn, cell, n: int, setting, intensities, seed: int, through_network: bool = True,
-                   order=ORACLE_ORDER, numbers=ORACLE_NUMBERS, zero_variance: bool = True) -> list:
+                   order=ORACLE_ORDER, numbers=ORACLE_NUMBERS, zero_variance: bool = True,
+                   expected_intensity: bool = True) -> list:
     """``n`` structures (ase.Atoms with the species ``order``, atomic numbers ``numbers``) from the exact-prior
     ``model_fn`` on the fixed ``cell`` with one row of ``ORACLE_SETTINGS`` (``intensities``: (n, 125) targets,
     unused for an unguided row); zero variance (``zero_variance=False``: the stochastic reverse process), float64,
-    all noise from ``seed``.  ``through_network=False``: the
+    all noise from ``seed``.  ``expected_intensity=False``: the guidance compares the paper's Eq. 40 ``|E F|^2``
+    instead of ``E|F|^2``.  ``through_network=False``: the
     guidance gradient holds the prior's score constant (``guidance_jacobian=False``)."""
     from ase import Atoms
 
@@ -1039,7 +1048,7 @@ def _oracle_sample(model_fn, cell, n: int, setting, intensities, seed: int, thro
     batch = torch.arange(n).repeat_interleave(len(order))
     guide = None if ratio is None else XRDGuidance(
         intensities, torch.tensor(numbers).repeat(n), batch, miller_indices(2), score_ratio=ratio,
-        ratio_reference=ref, through_network=through_network)
+        ratio_reference=ref, through_network=through_network, expected_intensity=expected_intensity)
     gen = torch.Generator().manual_seed(seed)
     out = predictor_corrector_sample(
         model_fn, None, torch.rand(len(batch), 3, generator=gen, dtype=torch.float64), batch,
@@ -1069,9 +1078,11 @@ def oracle_table2(args) -> None:
     variants = make_perovskite_arrangements("crystal-2", n, random_state=args.seed + 10)
     intensities = torch.tensor(np.stack([single_crystal_intensities(v) for v in variants]))
     res, frame, secs = {}, {}, {}
-    for setting in ORACLE_SETTINGS_TABLE2:
+    rows = _oracle_rows(ORACLE_SETTINGS_TABLE2, args)
+    for setting in rows:
         label, t0 = setting[0], time.perf_counter()
-        atoms = _oracle_sample(model_fn, target.cell[:], n, setting, intensities, args.seed, args.guidance_jacobian)
+        atoms = _oracle_sample(model_fn, target.cell[:], n, setting, intensities, args.seed, args.guidance_jacobian,
+                               expected_intensity=not args.paper_intensity)
         res[label] = {str(stol): float(match_rate(atoms, [target] * n, stol=stol, angle_tol=10, ltol=0.3))
                       for stol in (0.05, 0.1, 0.5)}
         frame[label] = heavy_frame_rate(atoms, target)
@@ -1086,10 +1097,16 @@ def oracle_table2(args) -> None:
            f"both assignments of the two N, noise 0.01 per fractional coordinate, {_oracle_frame(args.translation_invariant)}), no "
            f"network. Target: Crystal-2 (in neither), intensities of {n} noisy Crystal-2 variants (one per sample, as "
            f"`table2`); zero-variance sampling, float64; StructureMatcher angle_tol 10, ltol 0.3. Last column: Co at "
-           f"Crystal-2's offset from Tl (within 0.1 per fractional coordinate)." + jacobian_note(args)]
+           f"Crystal-2's offset from Tl (within 0.1 per fractional coordinate)." + intensity_note(args)
+           + jacobian_note(args)]
     write("oracle_table2" + _suffix(args), dict(results=res, heavy_frame=frame,
-                                                settings=dict(vars(args), rows=ORACLE_SETTINGS_TABLE2), seconds=secs),
+                                                settings=dict(vars(args), rows=rows), seconds=secs),
           "\n".join(md))
+
+
+def _oracle_rows(settings: list, args) -> list:
+    """The rows of an oracle's sampler ``settings`` chosen by ``--oracle-rows`` (all by default)."""
+    return list(settings) if not args.oracle_rows else [settings[i] for i in args.oracle_rows]
 
 
 def log_permanent(log_a: torch.Tensor) -> torch.Tensor:
@@ -1167,6 +1184,9 @@ ORACLE_SETTINGS_D1 = [
     ("guided 1:7, 1000 steps, step_lr 1e-5, guided corrector", 1000, 1e-5, 7.0, "score", True),
     ("guided 1:1.5, 300 steps, step_lr 1e-5, guided corrector", 300, 1e-5, 1.5, "score", True),
     ("guided 1:3, 300 steps, step_lr 1e-5, guided corrector", 300, 1e-5, 3.0, "score", True),
+    ("guided 1:3, 100 steps, step_lr 1e-5 (the estimator's default sampler)", 100, 1e-5, 3.0, "score", False),
+    ("guided 1:5, 100 steps, step_lr 1e-5 (the estimator's default sampler)", 100, 1e-5, 5.0, "score", False),
+    ("guided 1:5, 100 steps, no corrector", 100, 0.0, 5.0, "score", False),
 ]
 
 
@@ -1197,12 +1217,13 @@ def oracle_d1(args) -> None:
     supers = [p for p in cu3au_placements() if p["superlattice"]]
     targets = [make_cu3au(supers[i % len(supers)]["index"]) for i in range(n)]
     intensities = torch.tensor(np.stack([single_crystal_intensities(t) for t in targets]))
-    rows = ORACLE_SETTINGS_D1 if not args.oracle_rows else [ORACLE_SETTINGS_D1[i] for i in args.oracle_rows]
+    rows = _oracle_rows(ORACLE_SETTINGS_D1, args)
     res, on_sites, collapsed, secs = {}, {}, {}, {}
     for setting in rows:
         label, t0 = setting[0], time.perf_counter()
         atoms = _oracle_sample(model_fn, base.cell[:], n, setting, intensities, args.seed, args.guidance_jacobian,
-                               order=D1_ORDER, numbers=D1_NUMBERS, zero_variance=args.zero_variance)
+                               order=D1_ORDER, numbers=D1_NUMBERS, zero_variance=args.zero_variance,
+                               expected_intensity=not args.paper_intensity)
         res[label] = float(match_rate(atoms, targets, stol=0.05, angle_tol=10, ltol=0.3))
         on_sites[label] = fcc_site_rate(atoms, sites)
         collapsed[label] = float(np.mean([not v for v in structure_validity(atoms)]))
@@ -1219,7 +1240,7 @@ def oracle_d1(args) -> None:
            f"network. Targets: the 4 superlattice placements cycled, {n} samples, one ideal target's intensities "
            f"each (as `d1`); {'zero-variance' if args.zero_variance else 'stochastic'} sampling, float64; StructureMatcher stol 0.05, angle_tol 10, ltol 0.3. "
            f"A random placement is a superlattice 4 times in 28 (14.3%). On FCC sites: every atom within 0.12 A of a "
-           f"site after the best common translation." + jacobian_note(args)]
+           f"site after the best common translation." + intensity_note(args) + jacobian_note(args)]
     write("oracle_d1" + _suffix(args), dict(results=res, on_sites=on_sites, collapsed=collapsed,
                                             settings=dict(vars(args), rows=rows), seconds=secs), "\n".join(md))
 
@@ -1243,12 +1264,13 @@ def oracle(args) -> None:
                                                 torch.zeros(len(numbers), dtype=torch.long),
                                                 miller_indices(2)).expand(n, -1) for k in range(len(CRYSTALS_12))]
     res, secs = {}, {}
-    for setting in ORACLE_SETTINGS:
+    rows = _oracle_rows(ORACLE_SETTINGS, args)
+    for setting in rows:
         label = setting[0]
         res[label], t0 = {}, time.perf_counter()
         for k, name in enumerate(CRYSTALS_12):
             gen_atoms = _oracle_sample(model_fn, cell, n, setting, intensities[k], args.seed + k,
-                                       args.guidance_jacobian)
+                                       args.guidance_jacobian, expected_intensity=not args.paper_intensity)
             res[label][name] = float(match_rate(gen_atoms, [targets[name]] * n, **TOL_TABLE1))
             other = CRYSTALS_12[1 - k]
             res[label][f"{name} target, {other} generated"] = float(
@@ -1266,8 +1288,8 @@ def oracle(args) -> None:
            f"(StructureMatcher stol 0.05, angle_tol 10, ltol 0.3) are the library's, zero-variance sampling, "
            f"{n} samples per target, float64. Unguided rows: the rate of each crystal among the same samples. "
            f"Wrong crystal: guided towards one crystal, the other one generated (for unguided rows the same numbers "
-           f"as the other column)." + jacobian_note(args)]
-    write("oracle" + _suffix(args), dict(results=res, settings=dict(vars(args), rows=ORACLE_SETTINGS),
+           f"as the other column)." + intensity_note(args) + jacobian_note(args)]
+    write("oracle" + _suffix(args), dict(results=res, settings=dict(vars(args), rows=rows),
                                          seconds=secs), "\n".join(md))
 
 
@@ -1331,7 +1353,8 @@ def main() -> None:
     p.add_argument("--d1", action="store_true",
                    help="oracle: Table D1's setting (exact prior over all 28 Cu3Au placements, superlattice targets)")
     p.add_argument("--oracle-rows", type=int, nargs="+", default=None,
-                   help="oracle --d1: run only these rows of ORACLE_SETTINGS_D1 (0-based)")
+                   help="oracle: run only these rows (0-based) of its sampler settings (ORACLE_SETTINGS, "
+                        "ORACLE_SETTINGS_TABLE2 or ORACLE_SETTINGS_D1)")
     p.add_argument("--guide-corrector", action="store_true",
                    help="add the guidance to the corrector's score as well (XRDGuidedDiffusion(guide_corrector=True)); "
                         "default: predictor only, the paper's Eqs. 45-46")
