@@ -1,4 +1,6 @@
-"""Shared test helper: rows of the benchmark csv files through the project's loader."""
+"""Shared test helpers: rows of the benchmark csv files through the project's loader; the benchmark script as a
+module."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -16,3 +18,12 @@ def perov_rows(n):
     from crystalfit.datasets import load_dataset
 
     return load_dataset("perov_5", "val", data_home=DATA, max_rows=n, download=False).structures
+
+
+def xrd_benchmark():
+    """``benchmarks/xrd_guidance.py`` loaded as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "xrd_guidance.py"
+    spec = importlib.util.spec_from_file_location("xrd_guidance_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

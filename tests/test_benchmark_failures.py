@@ -1,26 +1,21 @@
 """The failure classes of ``benchmarks/xrd_guidance.py failures`` (Table 1's guided samples)."""
-import importlib.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _data import xrd_benchmark
 from crystalfit.datasets import make_perovskite
 
 pytest.importorskip("pymatgen")
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "xrd_guidance.py"
-    spec = importlib.util.spec_from_file_location("xrd_guidance_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def bench():
+    return xrd_benchmark()
 
 
-def test_arrangement_classes_cover_every_site_assignment_once():
-    bench = _bench()
+def test_arrangement_classes_cover_every_site_assignment_once(bench):
     refs = bench.perovskite_arrangement_refs()
     assert len(refs) == 13
     # brute force: all 5!/2 = 60 assignments of Tl, Co, O, N, N to the 5 sites fall in exactly one class
@@ -33,8 +28,7 @@ def test_arrangement_classes_cover_every_site_assignment_once():
     assert (hits.sum(axis=1) >= 1).all()
 
 
-def test_classify_samples_names_target_collapse_and_off_site():
-    bench = _bench()
+def test_classify_samples_names_target_collapse_and_off_site(bench):
     refs = bench.perovskite_arrangement_refs()
     c1, c2 = make_perovskite("crystal-1"), make_perovskite("crystal-2")
     collapsed = c2.copy()

@@ -1,13 +1,12 @@
 """The exact Cu3Au prior of ``benchmarks/xrd_guidance.py oracle --d1`` (Table D1 with a perfect prior)."""
-import importlib.util
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _data import xrd_benchmark
 from crystalfit.datasets import cu3au_placements, make_cu3au
 from crystalfit.diffusion import WrappedNormalTorus
 from crystalfit.diffusion.torus import wrapped_normal_log_density
@@ -17,11 +16,7 @@ pytest.importorskip("pymatgen")
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "xrd_guidance.py"
-    spec = importlib.util.spec_from_file_location("xrd_guidance_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return xrd_benchmark()
 
 
 def test_log_permanent_matches_the_sum_over_permutations(bench):
