@@ -79,3 +79,11 @@ def test_fcc_site_rate(bench):
     off.positions[2] += [0.5, 0.0, 0.0]
     assert bench.fcc_site_rate([a, moved, off], sites) == pytest.approx(2 / 3)
     assert np.isfinite(bench.fcc_site_rate([a], sites))
+
+
+def test_overlapping_share(bench):
+    a = make_cu3au(3)
+    clash = a.copy()
+    clash.positions[1] = clash.positions[0] + [0.3, 0.0, 0.0]  # two atoms 0.3 A apart
+    assert bench.overlapping_share([a, clash]) == pytest.approx(0.5)
+    assert bench.overlapping_share([a]) == 0.0
