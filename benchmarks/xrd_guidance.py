@@ -518,15 +518,19 @@ def ablation(args) -> None:
 
 
 # ------------------------------------------------------------------- table D1
+def d1_targets(n: int) -> list:
+    """Table D1's ``n`` targets: the 4 superlattice placements of Cu3Au (noise-free), cycled."""
+    from crystalfit.datasets import cu3au_placements
+
+    supers = [p for p in cu3au_placements() if p["superlattice"]]
+    return [make_cu3au(supers[i % len(supers)]["index"]) for i in range(n)]
+
+
 def table_d1(args) -> None:
     train = make_cu3au_supercells(args.n_train, random_state=args.seed)
     model, t_fit = fit_model(train, args, learn_lattice=False, score_ratio=args.score_ratio[0])
     n = args.n_samples
-    # targets: the superlattice placements, cycled
-    from crystalfit.datasets import cu3au_placements
-
-    supers = [p for p in cu3au_placements() if p["superlattice"]]
-    targets = [make_cu3au(supers[i % len(supers)]["index"]) for i in range(n)]
+    targets = d1_targets(n)
     I = np.stack([single_crystal_intensities(t) for t in targets])
     L = targets[0].cell[:]
     outs = {"unguided": model.sample("Cu6Au2", n_samples=n, lattice=L, random_state=args.seed + 1)}
@@ -768,18 +772,14 @@ def grid_search_positions(atoms, intensities, rng, spacing: float = 0.5, d_min: 
 
 def search_baseline(args) -> None:
     """Tables 1, 2 and D1 solved by :func:`grid_search_positions` from random positions, no model."""
-    from crystalfit.datasets import cu3au_placements
-
     rng = np.random.default_rng(args.seed)
     n = args.n_samples
     c2_variants = make_perovskite_arrangements("crystal-2", n, random_state=args.seed + 10)  # as table2
-    supers = [p for p in cu3au_placements() if p["superlattice"]]
-    d1_targets = [make_cu3au(supers[i % len(supers)]["index"]) for i in range(n)]  # as d1
     cases = {
         "Table 1, Crystal-1": ([make_perovskite("crystal-1")] * n, None),
         "Table 1, Crystal-2": ([make_perovskite("crystal-2")] * n, None),
         "Table 2, Crystal-2 (noisy variants' intensities)": ([make_perovskite("crystal-2")] * n, c2_variants),
-        "Table D1, Cu3Au superlattices": (d1_targets, None),
+        "Table D1, Cu3Au superlattices": (d1_targets(n), None),
     }
     res, secs = {}, {}
     for label, (targets, sources) in cases.items():
@@ -1139,6 +1139,17 @@ D1_NUMBERS = (29,) * 6 + (79,) * 2
 D1_FCC_BASIS = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.25, 0.25]], dtype=torch.float64)
 
 
+def fcc_translation(frac: torch.Tensor) -> torch.Tensor:
+    """Best common translation (fractional, shape (..., 1, 3)) of the atoms ``frac`` (..., atoms, 3) of Cu3Au
+    supercells onto the FCC lattice: the circular mean of their offsets from it, taken in its basis
+    ``D1_FCC_BASIS`` (where the lattice points are the integers)."""
+    import math
+
+    ang = 2 * math.pi * frac @ torch.linalg.inv(D1_FCC_BASIS).T
+    shift = torch.atan2(torch.sin(ang).sum(-2, keepdim=True), torch.cos(ang).sum(-2, keepdim=True))
+    return shift / (2 * math.pi) @ D1_FCC_BASIS.T
+
+
 def oracle_d1_model_fn(torus, sites, tau: float = 0.01, translation_invariant: bool = False):
     """``model_fn`` returning the exact score of Table D1's training distribution: every placement of 2 Au and
     6 Cu on the 8 FCC ``sites`` (8, 3) equally likely, noise ``tau`` per fractional coordinate.  Summed over the
@@ -1149,17 +1160,11 @@ def oracle_d1_model_fn(torus, sites, tau: float = 0.01, translation_invariant: b
     it.  Every placement uses the same FCC sites, so the best translation is common to all of them: the
     circular mean of the atoms' offsets from the FCC lattice (coordinates in its basis ``D1_FCC_BASIS``), the
     Laplace approximation of the integral (exact up to a factor of t in the Gaussian regime)."""
-    import math
-
     from crystalfit.diffusion.torus import wrapped_normal_log_density
-
-    basis_inv = torch.linalg.inv(D1_FCC_BASIS)
 
     def log_p(x, sig):  # x (B, 8, 3)
         if translation_invariant:
-            ang = 2 * math.pi * x @ basis_inv.T  # FCC-lattice coordinates: sites at integers
-            shift = torch.atan2(torch.sin(ang).sum(1, keepdim=True), torch.cos(ang).sum(1, keepdim=True))
-            x = x - shift / (2 * math.pi) @ D1_FCC_BASIS.T
+            x = x - fcc_translation(x)
         st = torch.sqrt(tau**2 + sig**2)[:, None, None, None]
         log_a = wrapped_normal_log_density(x[:, :, None] - sites[None, None], st).sum(-1)  # (B, atoms, sites)
         return log_permanent(log_a)
@@ -1197,14 +1202,11 @@ ORACLE_SETTINGS_D1 = [
 
 def fcc_site_rate(structures, sites, tol: float = 0.12) -> float:
     """Share of the Cu3Au ``structures`` with every atom within ``tol`` A of an FCC site (after the best common
-    translation of the FCC lattice, found from the circular mean of the atoms' offsets from it)."""
-    import math
+    translation of the FCC lattice, :func:`fcc_translation`)."""
     hits = []
     for s in structures:
         f = torch.tensor(s.get_scaled_positions(), dtype=torch.float64)
-        ang = 2 * math.pi * f @ torch.linalg.inv(D1_FCC_BASIS).T
-        shift = torch.atan2(torch.sin(ang).mean(0), torch.cos(ang).mean(0)) / (2 * math.pi)
-        d = f[:, None] - shift @ D1_FCC_BASIS.T - sites[None]
+        d = (f - fcc_translation(f))[:, None] - sites[None]
         d = (d - torch.round(d)) @ torch.tensor(s.cell[:], dtype=torch.float64)
         hits.append(bool((d.norm(dim=-1).min(1).values < tol).all()))
     return float(np.mean(hits))
@@ -1213,14 +1215,11 @@ def fcc_site_rate(structures, sites, tol: float = 0.12) -> float:
 def oracle_d1(args) -> None:
     """Table D1 with the exact prior of its training data (all 28 placements of 2 Au on 8 FCC sites): can the
     guidance choose the superlattice placement when the prior is perfect?"""
-    from crystalfit.datasets import cu3au_placements
-
     base = make_cu3au(0)
     sites = torch.tensor(base.get_scaled_positions(), dtype=torch.float64)
     model_fn = oracle_d1_model_fn(WrappedNormalTorus().double(), sites, translation_invariant=args.translation_invariant)
     n = args.n_samples
-    supers = [p for p in cu3au_placements() if p["superlattice"]]
-    targets = [make_cu3au(supers[i % len(supers)]["index"]) for i in range(n)]
+    targets = d1_targets(n)
     intensities = torch.tensor(np.stack([single_crystal_intensities(t) for t in targets]))
     rows = _oracle_rows(ORACLE_SETTINGS_D1, args)
     res, on_sites, collapsed, secs = {}, {}, {}, {}
