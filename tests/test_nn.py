@@ -1,4 +1,5 @@
 """Periodic equivariant backbone: features, graph, heads and numerics against independent references."""
+import itertools
 import math
 import pickle
 
@@ -361,3 +362,57 @@ def test_polar_lattice_head_is_equivariant_and_represents_a_cubic_target():
     one = torch.zeros(5, 4, dtype=torch.float64)
     one[:, 0] = 1.0
     torch.testing.assert_close(head(one, L), 2.0 * L - 3.0 * polar_factor(L))
+
+
+def test_image_edge_geometry_matches_a_loop_over_images_and_keeps_half_cell_edges():
+    """edge_geometry="images": the weighted image mean equals an explicit loop, its weights sum to 1, it is
+    continuous where the minimum image switches, and (unlike the envelope) it does not vanish at dx = 1/2."""
+    from crystalfit.nn import GaussianRadialBasis, image_edge_geometry
+    from e3nn import o3
+
+    gen = torch.Generator().manual_seed(3)
+    lattice = torch.tensor([[4.0, 0.0, 0.0], [1.5, 3.8, 0.0], [0.7, -0.9, 4.2]], dtype=torch.float64)
+    dfrac = minimum_image_frac(torch.rand(40, 3, generator=gen, dtype=torch.float64) * 2 - 1)
+    dfrac[0] = torch.tensor([0.5, 0.0, -0.5], dtype=torch.float64)  # half-cell edge: the envelope's zero
+    radial = GaussianRadialBasis(6, 8.0).double()
+    sh = o3.SphericalHarmonics([1, 2], normalize=False, normalization="component")
+    got_r, got_s, centre = image_edge_geometry(dfrac, lattice.expand(40, 3, 3), radial, sh)
+    for e in range(40):
+        ref_r, ref_s, total = 0.0, 0.0, 0.0
+        for b in itertools.product([0, 1], repeat=3):
+            u = [float(dfrac[e, c]) - b[c] * (1.0 if dfrac[e, c] >= 0 else -1.0) for c in range(3)]
+            w = float(np.prod([math.cos(math.pi * uc / 2) ** 2 for uc in u]))
+            d = torch.tensor(u, dtype=torch.float64) @ lattice
+            r = float(d.norm())
+            ref_r = ref_r + w * radial(torch.tensor([r], dtype=torch.float64))[0]
+            ref_s = ref_s + w * sh(d / r) * (1 - math.exp(-r * r / 0.01))
+            total += w
+        assert abs(total - 1.0) < 1e-12
+        assert torch.allclose(got_r[e], ref_r, atol=1e-10) and torch.allclose(got_s[e], ref_s, atol=1e-10)
+        if e == 0:
+            assert float(centre[e]) == pytest.approx(0.25) and float(ref_r.max()) > 0.1
+    # continuity across the switch of the minimum image along a
+    pair = torch.tensor([[0.5 - 1e-9, 0.2, 0.1], [-0.5 + 1e-9, 0.2, 0.1]], dtype=torch.float64)
+    a, b = (image_edge_geometry(minimum_image_frac(p[None]), lattice[None], radial, sh) for p in pair)
+    for x, y in zip(a, b):
+        assert (x - y).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_image_edges_network_passes_the_symmetry_checks_and_is_continuous(dtype):
+    from crystalfit.testing import check_all
+
+    batch = _random_batch([2, 3, 1])
+    torch.manual_seed(0)
+    net = PeriodicEquivariantNetwork(**{**TINY, "edge_geometry": "images"})
+    check_all(net, batch, dtype=dtype, crystal_kwargs=dict(t=torch.tensor([3, 300, 900])))
+    lattice = np.array([[4.0, 0.0, 0.0], [1.5, 3.8, 0.0], [0.7, -0.9, 4.2]])
+    outs = []
+    for delta in (-1e-7, 1e-7):
+        frac = np.array([[0.1, 0.2, 0.3], [0.6 + delta, 0.33, 0.47]])
+        outs.append(net.double()(CrystalBatch.from_arrays([lattice], [frac], [[14, 8]]), t=torch.tensor([7])))
+    for key, value in outs[0].items():
+        if value.numel():
+            assert (value - outs[1][key]).abs().max() < 1e-5, key
+    with pytest.raises(CrystalfitError, match="edge_geometry"):
+        PeriodicEquivariantNetwork(edge_geometry="radius")

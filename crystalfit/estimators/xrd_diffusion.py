@@ -246,6 +246,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         r_max=8.0,
         lmax=2,
         time_dim=64,
+        edge_geometry="envelope",
     )
 
     def __init__(

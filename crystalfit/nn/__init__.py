@@ -1,5 +1,12 @@
 """e3nn networks: the periodic equivariant backbone, its input features and heads."""
-from .backbone import EquivariantRMSNorm, InteractionBlock, PeriodicEquivariantNetwork, fully_connected_edges
+from .backbone import (
+    EDGE_GEOMETRIES,
+    EquivariantRMSNorm,
+    InteractionBlock,
+    PeriodicEquivariantNetwork,
+    fully_connected_edges,
+    image_edge_geometry,
+)
 from .embeddings import (
     GaussianRadialBasis,
     SinusoidalTimeEmbedding,
@@ -10,6 +17,7 @@ from .embeddings import (
 from .heads import LatticeHead, ScalarMLP, cartesian_to_fractional_gradient, segment_mean
 
 __all__ = [
+    "EDGE_GEOMETRIES",
     "EquivariantRMSNorm",
     "GaussianRadialBasis",
     "InteractionBlock",
@@ -20,6 +28,7 @@ __all__ = [
     "cartesian_to_fractional_gradient",
     "fourier_features",
     "fully_connected_edges",
+    "image_edge_geometry",
     "lattice_invariants",
     "periodic_envelope",
     "segment_mean",

@@ -22,7 +22,10 @@ Edge features
   jump there.  Every use of them (radial basis, harmonic messages) is
   multiplied by the smooth periodic envelope ``prod_c (1 - sin^4(pi dx_c))``,
   which vanishes with its derivative at ``dx_c = 1/2``: the whole network is
-  therefore C^1 and periodic in the fractional coordinates.
+  therefore C^1 and periodic in the fractional coordinates.  On cells whose
+  atoms sit half a lattice vector apart (perovskites, the Cu3Au supercell) that
+  envelope switches off nearly every edge's geometry; ``edge_geometry="images"``
+  averages it over the 8 nearest images instead (:func:`image_edge_geometry`).
 * self-loops and coincident atoms have ``d = 0``: the ``l > 0`` harmonics are
   multiplied by ``1 - exp(-|d|^2 / r0^2)`` (``r0 = 0.1`` Angstrom), which is
   exactly 0 at ``d = 0`` and smooth, and the unit vector uses
@@ -82,10 +85,57 @@ from .embeddings import (
 )
 from .heads import LatticeHead, ScalarMLP, cartesian_to_fractional_gradient, segment_mean
 
-__all__ = ["PeriodicEquivariantNetwork", "fully_connected_edges", "EquivariantRMSNorm", "InteractionBlock"]
+__all__ = ["PeriodicEquivariantNetwork", "fully_connected_edges", "EquivariantRMSNorm", "InteractionBlock",
+           "image_edge_geometry", "EDGE_GEOMETRIES"]
 
 #: Length scale (Angstrom) over which the l > 0 harmonics of an edge switch on.
 SELF_LOOP_RADIUS = 0.1
+
+#: Choices of ``PeriodicEquivariantNetwork(edge_geometry=...)``.
+EDGE_GEOMETRIES = ("envelope", "images")
+
+#: The 8 corner offsets ``b in {0, 1}^3`` of :func:`image_edge_geometry`.
+_IMAGE_BITS = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.float64)
+
+
+def image_edge_geometry(dfrac: Tensor, lattice: Tensor, radial: nn.Module, spherical_harmonics: nn.Module,
+                        eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Radial basis and spherical harmonics of each edge, averaged over its 8 nearest images.
+
+    For the minimum-image displacement ``dx`` (components in [-1/2, 1/2]) the images
+    are ``u = dx - b * sign(dx)``, ``b in {0, 1}^3`` (sign(0) = +1), with weights
+    ``w(u) = prod_c cos^2(pi u_c / 2)``.  Per component ``cos^2(pi dx/2) + sin^2(pi dx/2) = 1``,
+    so the weights sum to 1; at ``dx_c = +-1/2`` the two images of that component
+    swap roles with equal weights 1/2, so every weighted mean is continuous (C^1:
+    ``cos^2`` has a double zero at ``u_c = +-1``) and periodic in the fractional
+    coordinates, and nothing vanishes where the minimum image switches.  Rotating the
+    lattice rotates every image vector, so the harmonics stay equivariant.
+
+    Parameters
+    ----------
+    dfrac : Tensor, shape (E, 3), minimum-image fractional displacements
+    lattice : Tensor, shape (E, 3, 3), each edge's lattice (rows are lattice vectors)
+    radial : callable, lengths (M,) -> (M, n_radial)
+    spherical_harmonics : callable, vectors (..., 3) -> (..., n_sh), the ``l >= 1`` harmonics
+    eps : float, regulariser of ``|d|`` in the unit vector
+
+    Returns
+    -------
+    radial_mean : Tensor, shape (E, n_radial)
+    sh_mean : Tensor, shape (E, n_sh), harmonics masked at ``d = 0`` as for the minimum image
+    centre : Tensor, shape (E, 1), the minimum image's weight ``prod_c cos^2(pi dx_c / 2)``
+    """
+    bits = _IMAGE_BITS.to(device=dfrac.device, dtype=dfrac.dtype)
+    sign = torch.where(dfrac >= 0, 1.0, -1.0).to(dfrac.dtype)
+    u = dfrac[:, None, :] - bits[None] * sign[:, None, :]  # (E, 8, 3)
+    w = torch.cos(0.5 * torch.pi * u).pow(2).prod(-1)  # (E, 8)
+    d = torch.einsum("eki,eij->ekj", u, lattice)
+    r2 = (d * d).sum(-1)
+    r = torch.sqrt(r2 + eps**2)
+    sh = spherical_harmonics(d / r[..., None]) * -torch.expm1(-r2 / SELF_LOOP_RADIUS**2)[..., None]
+    radial_mean = torch.einsum("ek,ekr->er", w, radial(r.reshape(-1)).reshape(*r.shape, -1))
+    sh_mean = torch.einsum("ek,eks->es", w, sh)
+    return radial_mean, sh_mean, w[:, :1]
 
 
 def fully_connected_edges(num_atoms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -383,8 +433,12 @@ class PeriodicEquivariantNetwork(nn.Module):
     def __init__(self, num_species: int = 100, hidden_scalars: int = 64, hidden_vectors: int = 16,
                  n_layers: int = 3, n_freqs: int = 16, n_radial: int = 16, r_max: float = 8.0, lmax: int = 2,
                  time_dim: int = 64, cond_dim: int = 0, n_atom_scalars: int = 3, n_crystal_scalars: int = 0,
-                 lattice_head: bool = True, polar_lattice_head: bool = False):
+                 lattice_head: bool = True, polar_lattice_head: bool = False, edge_geometry: str = "envelope"):
         super().__init__()
+        if edge_geometry not in EDGE_GEOMETRIES:
+            raise CrystalfitError(f"edge_geometry is {edge_geometry!r}; it must be one of {EDGE_GEOMETRIES}; "
+                                  "pass e.g. edge_geometry='images'")
+        self.edge_geometry = str(edge_geometry)
         ints = dict(num_species=num_species, hidden_scalars=hidden_scalars, hidden_vectors=hidden_vectors,
                     n_layers=n_layers, lmax=lmax, n_radial=n_radial)
         for name, value in ints.items():
@@ -535,13 +589,19 @@ class PeriodicEquivariantNetwork(nn.Module):
 
         src, dst, edge_crystal = fully_connected_edges(num_atoms)
         dfrac = minimum_image_frac(frac.index_select(0, src) - frac.index_select(0, dst))
-        d = torch.einsum("ei,eij->ej", dfrac, lattice.index_select(0, edge_crystal))
-        r2 = (d * d).sum(-1)
-        r = torch.sqrt(r2 + self.sh_eps**2)
-        envelope = periodic_envelope(dfrac)
-        sh = self.spherical_harmonics(d / r[:, None])
-        sh = sh * -torch.expm1(-r2 / SELF_LOOP_RADIUS**2)[:, None]
-        edge_feat = torch.cat([fourier_features(dfrac, self.n_freqs), self.radial(r) * envelope, envelope], dim=-1)
+        if self.edge_geometry == "images":
+            radial, sh, centre = image_edge_geometry(dfrac, lattice.index_select(0, edge_crystal), self.radial,
+                                                     self.spherical_harmonics, self.sh_eps)
+            envelope = torch.ones_like(centre)
+            edge_feat = torch.cat([fourier_features(dfrac, self.n_freqs), radial, centre], dim=-1)
+        else:
+            d = torch.einsum("ei,eij->ej", dfrac, lattice.index_select(0, edge_crystal))
+            r2 = (d * d).sum(-1)
+            r = torch.sqrt(r2 + self.sh_eps**2)
+            envelope = periodic_envelope(dfrac)
+            sh = self.spherical_harmonics(d / r[:, None])
+            sh = sh * -torch.expm1(-r2 / SELF_LOOP_RADIUS**2)[:, None]
+            edge_feat = torch.cat([fourier_features(dfrac, self.n_freqs), self.radial(r) * envelope, envelope], dim=-1)
         inv_degree = (1.0 / num_atoms.clamp_min(1).to(frac.dtype))[node_batch][:, None]
 
         h = self._node_inputs(lattice, numbers, node_batch, t, cond, type_probs)
