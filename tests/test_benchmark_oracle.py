@@ -87,3 +87,14 @@ def test_overlapping_share(bench):
     clash.positions[1] = clash.positions[0] + [0.3, 0.0, 0.0]  # two atoms 0.3 A apart
     assert bench.overlapping_share([a, clash]) == pytest.approx(0.5)
     assert bench.overlapping_share([a]) == 0.0
+
+
+def test_edge_envelope_share_counts_half_cell_edges(bench):
+    """Every pair of FCC sites of the Cu3Au supercell is half a lattice vector apart along some axis, so the
+    default envelope switches off all its edges; atoms at random positions lose about a quarter of theirs."""
+    from ase import Atoms
+
+    assert bench.edge_envelope_share([make_cu3au(0)], 0.01) == 1.0
+    generic = Atoms("Si8", cell=np.eye(3) * 5.0, pbc=True,
+                    scaled_positions=np.random.default_rng(1).uniform(size=(8, 3)))
+    assert 0.1 < bench.edge_envelope_share([generic], 0.01) < 0.4
