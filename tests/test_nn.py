@@ -416,3 +416,21 @@ def test_image_edges_network_passes_the_symmetry_checks_and_is_continuous(dtype)
             assert (value - outs[1][key]).abs().max() < 1e-5, key
     with pytest.raises(CrystalfitError, match="edge_geometry"):
         PeriodicEquivariantNetwork(edge_geometry="radius")
+
+
+def test_joint_fourier_features_match_a_loop_and_the_network_stays_symmetric():
+    from crystalfit.nn import joint_fourier_features, reciprocal_vectors
+    from crystalfit.testing import check_all
+
+    g = reciprocal_vectors(2)
+    assert g.shape == (62, 3) and len({tuple(v) for v in g.tolist()} | {tuple(v) for v in (-g).tolist()}) == 124
+    dx = torch.rand(5, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 0.5
+    got = joint_fourier_features(dx, g)
+    for e in range(5):
+        for m, v in enumerate(g.tolist()):
+            arg = 2 * math.pi * sum(v[c] * float(dx[e, c]) for c in range(3))
+            assert got[e, m] == pytest.approx(math.sin(arg)) and got[e, 62 + m] == pytest.approx(math.cos(arg))
+    assert torch.allclose(joint_fourier_features(dx + torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64), g), got)
+    torch.manual_seed(0)
+    net = PeriodicEquivariantNetwork(**{**TINY, "joint_freqs": 1})
+    check_all(net, _random_batch([2, 3, 1]), dtype=torch.float64, crystal_kwargs=dict(t=torch.tensor([3, 300, 900])))

@@ -247,6 +247,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         lmax=2,
         time_dim=64,
         edge_geometry="envelope",
+        joint_freqs=0,
     )
 
     def __init__(

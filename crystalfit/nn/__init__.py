@@ -11,8 +11,10 @@ from .embeddings import (
     GaussianRadialBasis,
     SinusoidalTimeEmbedding,
     fourier_features,
+    joint_fourier_features,
     lattice_invariants,
     periodic_envelope,
+    reciprocal_vectors,
 )
 from .heads import LatticeHead, ScalarMLP, cartesian_to_fractional_gradient, segment_mean
 
@@ -29,7 +31,9 @@ __all__ = [
     "fourier_features",
     "fully_connected_edges",
     "image_edge_geometry",
+    "joint_fourier_features",
     "lattice_invariants",
     "periodic_envelope",
+    "reciprocal_vectors",
     "segment_mean",
 ]

@@ -80,8 +80,10 @@ from .embeddings import (
     GaussianRadialBasis,
     SinusoidalTimeEmbedding,
     fourier_features,
+    joint_fourier_features,
     lattice_invariants,
     periodic_envelope,
+    reciprocal_vectors,
 )
 from .heads import LatticeHead, ScalarMLP, cartesian_to_fractional_gradient, segment_mean
 
@@ -398,6 +400,10 @@ class PeriodicEquivariantNetwork(nn.Module):
         Message-passing layers.
     n_freqs : int
         Fourier frequencies ``k = 1..n_freqs`` of fractional displacements.
+    joint_freqs : int
+        0 (default): none.  ``K``: also the plane waves ``sin / cos(2 pi G . dx)`` for the integer
+        ``G`` in ``{-K..K}^3`` (one of each ``+-G``; :func:`~crystalfit.nn.embeddings.joint_fourier_features`),
+        which couple the axes (K = 2: 124 more edge features).
     n_radial : int
         Gaussian radial basis functions on ``[0, r_max]``.
     r_max : float
@@ -433,7 +439,8 @@ class PeriodicEquivariantNetwork(nn.Module):
     def __init__(self, num_species: int = 100, hidden_scalars: int = 64, hidden_vectors: int = 16,
                  n_layers: int = 3, n_freqs: int = 16, n_radial: int = 16, r_max: float = 8.0, lmax: int = 2,
                  time_dim: int = 64, cond_dim: int = 0, n_atom_scalars: int = 3, n_crystal_scalars: int = 0,
-                 lattice_head: bool = True, polar_lattice_head: bool = False, edge_geometry: str = "envelope"):
+                 lattice_head: bool = True, polar_lattice_head: bool = False, edge_geometry: str = "envelope",
+                 joint_freqs: int = 0):
         super().__init__()
         if edge_geometry not in EDGE_GEOMETRIES:
             raise CrystalfitError(f"edge_geometry is {edge_geometry!r}; it must be one of {EDGE_GEOMETRIES}; "
@@ -444,13 +451,16 @@ class PeriodicEquivariantNetwork(nn.Module):
         for name, value in ints.items():
             if int(value) != value or value < 1:
                 raise CrystalfitError(f"{name} is {value!r}; it must be an integer >= 1; pass e.g. {name}=2")
-        nonneg = dict(n_freqs=n_freqs, time_dim=time_dim, cond_dim=cond_dim, n_atom_scalars=n_atom_scalars,
+        nonneg = dict(n_freqs=n_freqs, joint_freqs=joint_freqs, time_dim=time_dim, cond_dim=cond_dim, n_atom_scalars=n_atom_scalars,
                       n_crystal_scalars=n_crystal_scalars)
         for name, value in nonneg.items():
             if int(value) != value or value < 0:
                 raise CrystalfitError(f"{name} is {value!r}; it must be an integer >= 0; pass e.g. {name}=0")
         self.num_species, self.hidden_scalars, self.hidden_vectors = int(num_species), int(hidden_scalars), int(hidden_vectors)
         self.n_layers, self.n_freqs, self.n_radial, self.r_max = int(n_layers), int(n_freqs), int(n_radial), float(r_max)
+        self.joint_freqs = int(joint_freqs)
+        self.register_buffer("joint_vectors", reciprocal_vectors(self.joint_freqs).double()
+                             if self.joint_freqs else torch.zeros(0, 3, dtype=torch.float64), persistent=False)
         self.lmax, self.time_dim, self.cond_dim = int(lmax), int(time_dim), int(cond_dim)
         self.n_atom_scalars, self.n_crystal_scalars, self.lattice_head = int(n_atom_scalars), int(n_crystal_scalars), bool(lattice_head)
 
@@ -459,7 +469,7 @@ class PeriodicEquivariantNetwork(nn.Module):
         self.time_embedding = SinusoidalTimeEmbedding(self.time_dim) if self.time_dim else None
         self.radial = GaussianRadialBasis(self.n_radial, self.r_max)
         self.input_mlp = ScalarMLP(hs + self.time_dim + self.cond_dim + N_LATTICE_INVARIANTS, hs, hs)
-        edge_dim = 6 * self.n_freqs + self.n_radial + 1
+        edge_dim = 6 * self.n_freqs + 2 * len(self.joint_vectors) + self.n_radial + 1
         irreps = o3.Irreps(f"{hs}x0e + 3x1o")
         blocks = []
         for layer in range(self.n_layers):
@@ -542,6 +552,13 @@ class PeriodicEquivariantNetwork(nn.Module):
         vectors = (lattice / self.r_max)[node_batch].reshape(-1, 9)
         return torch.cat([scalars, vectors], dim=-1)
 
+    def _periodic_features(self, dfrac: Tensor) -> Tensor:
+        """Per-axis Fourier features, plus the plane waves of ``joint_freqs`` when set."""
+        if not self.joint_freqs:
+            return fourier_features(dfrac, self.n_freqs)
+        return torch.cat([fourier_features(dfrac, self.n_freqs), joint_fourier_features(dfrac, self.joint_vectors)],
+                         dim=-1)
+
     # ----------------------------------------------------------------- forward
     def forward(self, batch, t: Tensor | None = None, cond: Tensor | None = None,
                 type_probs: Tensor | None = None, lattice_basis: Tensor | None = None) -> dict[str, Tensor]:
@@ -593,7 +610,7 @@ class PeriodicEquivariantNetwork(nn.Module):
             radial, sh, centre = image_edge_geometry(dfrac, lattice.index_select(0, edge_crystal), self.radial,
                                                      self.spherical_harmonics, self.sh_eps)
             envelope = torch.ones_like(centre)
-            edge_feat = torch.cat([fourier_features(dfrac, self.n_freqs), radial, centre], dim=-1)
+            edge_feat = torch.cat([self._periodic_features(dfrac), radial, centre], dim=-1)
         else:
             d = torch.einsum("ei,eij->ej", dfrac, lattice.index_select(0, edge_crystal))
             r2 = (d * d).sum(-1)
@@ -601,7 +618,7 @@ class PeriodicEquivariantNetwork(nn.Module):
             envelope = periodic_envelope(dfrac)
             sh = self.spherical_harmonics(d / r[:, None])
             sh = sh * -torch.expm1(-r2 / SELF_LOOP_RADIUS**2)[:, None]
-            edge_feat = torch.cat([fourier_features(dfrac, self.n_freqs), self.radial(r) * envelope, envelope], dim=-1)
+            edge_feat = torch.cat([self._periodic_features(dfrac), self.radial(r) * envelope, envelope], dim=-1)
         inv_degree = (1.0 / num_atoms.clamp_min(1).to(frac.dtype))[node_batch][:, None]
 
         h = self._node_inputs(lattice, numbers, node_batch, t, cond, type_probs)

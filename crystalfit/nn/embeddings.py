@@ -111,6 +111,38 @@ def fourier_features(dfrac: Tensor, n_freqs: int) -> Tensor:
     return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
 
 
+def reciprocal_vectors(max_index: int) -> Tensor:
+    """Integer vectors ``G`` in ``{-K..K}^3``, one of each pair ``+-G`` (first non-zero component positive), no 0.
+
+    ``K = 2`` gives the 62 vectors behind :func:`crystalfit.xrd.miller_indices`'s 124 non-zero reflections.
+    """
+    r = torch.arange(-max_index, max_index + 1)
+    g = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    first = torch.where(g[:, 0] != 0, g[:, 0], torch.where(g[:, 1] != 0, g[:, 1], g[:, 2]))
+    return g[first > 0]
+
+
+def joint_fourier_features(dfrac: Tensor, vectors: Tensor) -> Tensor:
+    """Plane-wave features ``sin / cos(2 pi G . dx)`` of fractional displacements for integer vectors ``G``.
+
+    Unlike :func:`fourier_features` (one axis at a time) these couple the axes, e.g. ``G = (1, 1, 1)``
+    tells whether two atoms lie on the same (111) plane family, which a per-axis feature set only
+    gives through products; they are the pair terms of the structure factor ``|F(G)|^2``.
+
+    Parameters
+    ----------
+    dfrac : Tensor, shape (E, 3)
+    vectors : Tensor, shape (M, 3), integer (:func:`reciprocal_vectors`)
+
+    Returns
+    -------
+    Tensor, shape (E, 2 M), ``[sin(2 pi G_m . dx)] + [cos(2 pi G_m . dx)]``; unchanged when ``dfrac``
+    moves by an integer vector.
+    """
+    arg = 2.0 * math.pi * dfrac @ vectors.to(device=dfrac.device, dtype=dfrac.dtype).T
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+
+
 def periodic_envelope(dfrac: Tensor) -> Tensor:
     """Smooth periodic edge weight ``prod_c (1 - sin^4(pi dx_c))``.
 
