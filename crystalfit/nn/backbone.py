@@ -100,6 +100,15 @@ EDGE_GEOMETRIES = ("envelope", "images")
 _IMAGE_BITS = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.float64)
 
 
+def _edge_lengths_and_harmonics(d: Tensor, spherical_harmonics: nn.Module, eps: float) -> tuple[Tensor, Tensor]:
+    """Regularised lengths ``sqrt(|d|^2 + eps^2)`` (shape ``d.shape[:-1]``) and the ``l >= 1`` harmonics of
+    the unit vectors of Cartesian edge vectors ``d`` (..., 3), multiplied by ``1 - exp(-|d|^2 / r0^2)``
+    (``r0 = SELF_LOOP_RADIUS``) so that they vanish smoothly for self-loops and coincident atoms."""
+    r2 = (d * d).sum(-1)
+    r = torch.sqrt(r2 + eps**2)
+    return r, spherical_harmonics(d / r[..., None]) * -torch.expm1(-r2 / SELF_LOOP_RADIUS**2)[..., None]
+
+
 def image_edge_geometry(dfrac: Tensor, lattice: Tensor, radial: nn.Module, spherical_harmonics: nn.Module,
                         eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     """Radial basis and spherical harmonics of each edge, averaged over its 8 nearest images.
@@ -131,10 +140,7 @@ def image_edge_geometry(dfrac: Tensor, lattice: Tensor, radial: nn.Module, spher
     sign = torch.where(dfrac >= 0, 1.0, -1.0).to(dfrac.dtype)
     u = dfrac[:, None, :] - bits[None] * sign[:, None, :]  # (E, 8, 3)
     w = torch.cos(0.5 * torch.pi * u).pow(2).prod(-1)  # (E, 8)
-    d = torch.einsum("eki,eij->ekj", u, lattice)
-    r2 = (d * d).sum(-1)
-    r = torch.sqrt(r2 + eps**2)
-    sh = spherical_harmonics(d / r[..., None]) * -torch.expm1(-r2 / SELF_LOOP_RADIUS**2)[..., None]
+    r, sh = _edge_lengths_and_harmonics(torch.einsum("eki,eij->ekj", u, lattice), spherical_harmonics, eps)
     radial_mean = torch.einsum("ek,ekr->er", w, radial(r.reshape(-1)).reshape(*r.shape, -1))
     sh_mean = torch.einsum("ek,eks->es", w, sh)
     return radial_mean, sh_mean, w[:, :1]
@@ -451,8 +457,8 @@ class PeriodicEquivariantNetwork(nn.Module):
         for name, value in ints.items():
             if int(value) != value or value < 1:
                 raise CrystalfitError(f"{name} is {value!r}; it must be an integer >= 1; pass e.g. {name}=2")
-        nonneg = dict(n_freqs=n_freqs, joint_freqs=joint_freqs, time_dim=time_dim, cond_dim=cond_dim, n_atom_scalars=n_atom_scalars,
-                      n_crystal_scalars=n_crystal_scalars)
+        nonneg = dict(n_freqs=n_freqs, joint_freqs=joint_freqs, time_dim=time_dim, cond_dim=cond_dim,
+                      n_atom_scalars=n_atom_scalars, n_crystal_scalars=n_crystal_scalars)
         for name, value in nonneg.items():
             if int(value) != value or value < 0:
                 raise CrystalfitError(f"{name} is {value!r}; it must be an integer >= 0; pass e.g. {name}=0")
@@ -613,11 +619,8 @@ class PeriodicEquivariantNetwork(nn.Module):
             edge_feat = torch.cat([self._periodic_features(dfrac), radial, centre], dim=-1)
         else:
             d = torch.einsum("ei,eij->ej", dfrac, lattice.index_select(0, edge_crystal))
-            r2 = (d * d).sum(-1)
-            r = torch.sqrt(r2 + self.sh_eps**2)
+            r, sh = _edge_lengths_and_harmonics(d, self.spherical_harmonics, self.sh_eps)
             envelope = periodic_envelope(dfrac)
-            sh = self.spherical_harmonics(d / r[:, None])
-            sh = sh * -torch.expm1(-r2 / SELF_LOOP_RADIUS**2)[:, None]
             edge_feat = torch.cat([self._periodic_features(dfrac), self.radial(r) * envelope, envelope], dim=-1)
         inv_degree = (1.0 / num_atoms.clamp_min(1).to(frac.dtype))[node_batch][:, None]
 

@@ -114,7 +114,15 @@ def fourier_features(dfrac: Tensor, n_freqs: int) -> Tensor:
 def reciprocal_vectors(max_index: int) -> Tensor:
     """Integer vectors ``G`` in ``{-K..K}^3``, one of each pair ``+-G`` (first non-zero component positive), no 0.
 
-    ``K = 2`` gives the 62 vectors behind :func:`crystalfit.xrd.miller_indices`'s 124 non-zero reflections.
+    Parameters
+    ----------
+    max_index : int
+        ``K >= 0`` (0 gives no vectors).
+
+    Returns
+    -------
+    Tensor, shape (((2K + 1)^3 - 1) / 2, 3), int64.  ``K = 2`` gives the 62 vectors behind
+    :func:`crystalfit.xrd.miller_indices`'s 124 non-zero reflections.
     """
     r = torch.arange(-max_index, max_index + 1)
     g = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
