@@ -1317,11 +1317,11 @@ def edge_envelope_share(structures, below: float) -> float:
 
 def edges(args) -> None:
     """How many edges of the benchmark structures the default envelope switches off (no model)."""
+    from ase import Atoms
+
     sets = {"Table D1 training (Cu3Au supercells)": make_cu3au_supercells(args.n_samples, random_state=args.seed),
             "Table 1 training (Crystal-1/2)": make_perovskite_arrangements(list(CRYSTALS_12), args.n_samples,
                                                                          random_state=args.seed)}
-    from ase import Atoms
-
     rng = np.random.default_rng(args.seed)
     sets["8 atoms at uniformly random positions in a 5 A cube"] = [
         Atoms("Si8", cell=np.eye(3) * 5.0, pbc=True, scaled_positions=rng.uniform(size=(8, 3)))
@@ -1373,12 +1373,8 @@ def d1_translation_averaged_prediction(log_p, torus, x, t0: int, n_grid: int = 1
 def d1_diagnosis(args) -> None:
     """Where a learned D1 prior departs from the exact one: per noise level on noised training-distribution
     structures (against the exact prior averaged over translations, the best a translation-invariant network can
-    do, and the exact prior with the origin known), and, on the sampler, which band of times must use the exact score for every atom to end on an FCC site."""
-    from ase import Atoms
-
-    from crystalfit.diffusion import LatticeDDPM
-    from crystalfit.sampling import predictor_corrector_sample
-
+    do, and the exact prior with the origin known), and, on the sampler, which band of times must use the exact
+    score for every atom to end on an FCC site."""
     if not args.model:
         raise CrystalfitError("d1-diagnosis needs --model DIR (a saved Table D1 model, e.g. from `d1 --model DIR`)")
     model = XRDGuidedDiffusion.load(args.model)
@@ -1419,8 +1415,8 @@ def d1_diagnosis(args) -> None:
     # 2. the estimator's default sampler (100 steps, step_lr 1e-5, zero variance), unguided, with the exact
     #    translation-invariant score in one band of times and the learned one elsewhere
     n = args.n_samples
-    nums_s, counts_s = torch.tensor([29] * 6 + [79] * 2).repeat(n), torch.full((n,), 8)
-    batch_s, lat_s = torch.arange(n).repeat_interleave(8), cell.expand(n, 3, 3).contiguous()
+    nums_s, counts_s = torch.tensor(D1_NUMBERS).repeat(n), torch.full((n,), 8)
+    batch_s = torch.arange(n).repeat_interleave(8)
 
     def learned_fn(lattice, frac, t):
         with torch.no_grad():
@@ -1429,13 +1425,9 @@ def d1_diagnosis(args) -> None:
     def on_sites(band):
         def fn(lattice, frac, t):
             return exact_ti(lattice, frac, t) if band[0] < int(t[0]) <= band[1] else learned_fn(lattice, frac, t)
-        g = torch.Generator().manual_seed(args.seed + 1)
-        out = predictor_corrector_sample(
-            fn, None, torch.rand(n * 8, 3, generator=g, dtype=torch.float64), batch_s,
-            lattice_process=LatticeDDPM().double(), torus_process=torus, n_steps=model.n_steps,
-            step_lr=float(model.step_lr), zero_variance=True, fixed_lattice=lat_s, generator=g)
-        atoms = [Atoms("Cu6Au2", cell=ref.cell[:], scaled_positions=f, pbc=True)
-                 for f in out.frac.view(n, 8, 3).numpy()]
+        fn.torus = torus
+        setting = ("unguided", model.n_steps, float(model.step_lr), None, "score", False)
+        atoms = _oracle_sample(fn, ref.cell[:], n, setting, None, args.seed + 1, order=D1_ORDER, numbers=D1_NUMBERS)
         return fcc_site_rate(atoms, sites)
 
     bands = {"learned everywhere": on_sites((0, 0)), "exact everywhere": on_sites((0, 1000))}
