@@ -431,6 +431,10 @@ def test_joint_fourier_features_match_a_loop_and_the_network_stays_symmetric():
             arg = 2 * math.pi * sum(v[c] * float(dx[e, c]) for c in range(3))
             assert got[e, m] == pytest.approx(math.sin(arg)) and got[e, 62 + m] == pytest.approx(math.cos(arg))
     assert torch.allclose(joint_fourier_features(dx + torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64), g), got)
+    assert reciprocal_vectors(0).shape == (0, 3) and reciprocal_vectors(1).shape == (13, 3)
+    for bad in (-1, 1.5):
+        with pytest.raises(CrystalfitError, match="max_index"):
+            reciprocal_vectors(bad)
     torch.manual_seed(0)
     net = PeriodicEquivariantNetwork(**{**TINY, "joint_freqs": 1})
     check_all(net, _random_batch([2, 3, 1]), dtype=torch.float64, crystal_kwargs=dict(t=torch.tensor([3, 300, 900])))

@@ -124,7 +124,9 @@ def reciprocal_vectors(max_index: int) -> Tensor:
     Tensor, shape (((2K + 1)^3 - 1) / 2, 3), int64.  ``K = 2`` gives the 62 vectors behind
     :func:`crystalfit.xrd.miller_indices`'s 124 non-zero reflections.
     """
-    r = torch.arange(-max_index, max_index + 1)
+    if isinstance(max_index, bool) or int(max_index) != max_index or max_index < 0:
+        raise CrystalfitError(f"max_index is {max_index!r}; it must be an integer >= 0; pass e.g. max_index=2")
+    r = torch.arange(-int(max_index), int(max_index) + 1)
     g = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
     first = torch.where(g[:, 0] != 0, g[:, 0], torch.where(g[:, 1] != 0, g[:, 1], g[:, 2]))
     return g[first > 0]
