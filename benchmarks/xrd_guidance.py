@@ -873,8 +873,10 @@ def arrangement_loss(args) -> None:
 def speed(args) -> None:
     from crystalfit.estimators.xrd_diffusion import CSPDenoiser
     from crystalfit.io import structures_to_batch
+    from crystalfit.nn import EDGE_GEOMETRIES
 
-    est = XRDGuidedDiffusion()  # time the default estimator's denoiser (joint lattice)
+    est = XRDGuidedDiffusion()  # time the default estimator's denoiser (joint lattice), once per edge geometry
+    default_geometry = est.network_settings()["edge_geometry"]
     rows = []
     for n_atoms, cells in ((5, make_perovskite_arrangements("crystal-1", 100, random_state=0)),
                            (20, None)):
@@ -883,34 +885,41 @@ def speed(args) -> None:
             for i, c in enumerate(cells):
                 c.rattle(0.05, seed=i)
         b = structures_to_batch(cells).to(dtype=torch.float32)
-        net = CSPDenoiser(self_condition=est.self_condition, polar_lattice=est.polar_lattice,
-                          **est.network_settings()).eval()
+        nets = {g: CSPDenoiser(self_condition=est.self_condition, polar_lattice=est.polar_lattice,
+                               **{**est.network_settings(), "edge_geometry": g}).eval() for g in EDGE_GEOMETRIES}
         t = torch.randint(1, 1000, (b.num_crystals,))
+        reps = 10 if n_atoms == 5 else 3
+        total = dict.fromkeys(nets, 0.0)
         with torch.no_grad():
-            for _ in range(2):
-                net(b.lattice, b.frac, b.numbers, b.num_atoms, b.batch, t)
-            reps = 10 if n_atoms == 5 else 3
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                net(b.lattice, b.frac, b.numbers, b.num_atoms, b.batch, t)
-            per_call = (time.perf_counter() - t0) / reps
-        rows.append(dict(atoms_per_cell=int(b.num_atoms[0]), batch=b.num_crystals, ms_per_call=1e3 * per_call,
-                         n_parameters=sum(p.numel() for p in net.parameters())))
+            for net in nets.values():
+                for _ in range(2):
+                    net(b.lattice, b.frac, b.numbers, b.num_atoms, b.batch, t)
+            for _ in range(reps):  # interleaved, so that a change of machine load affects every geometry alike
+                for g, net in nets.items():
+                    t0 = time.perf_counter()
+                    net(b.lattice, b.frac, b.numbers, b.num_atoms, b.batch, t)
+                    total[g] += time.perf_counter() - t0
+        for g, net in nets.items():
+            rows.append(dict(atoms_per_cell=int(b.num_atoms[0]), batch=b.num_crystals, edge_geometry=g,
+                             ms_per_call=1e3 * total[g] / reps,
+                             n_parameters=sum(p.numel() for p in net.parameters())))
     paper = {5: 307.0, 20: 6900.0}
     steps = est.n_steps
-    md = ["| atoms/cell | batch | ours ms/call | DiffCSP 512x6 ms/call (this machine) | ratio | "
+    md = ["| atoms/cell | batch | edge geometry | ours ms/call | DiffCSP 512x6 ms/call (this machine) | ratio | "
           f"ours s/structure ({steps} steps, 2 calls/step) | paper settings s/structure (2,000 calls) | ratio |",
-          "|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = paper[r["atoms_per_cell"]]
         ours_s = r["ms_per_call"] / 1e3 * 2 * steps / r["batch"]
         paper_s = p / 1e3 * 2000 / 100
         r.update(paper_ms_per_call=p, seconds_per_structure=ours_s, paper_seconds_per_structure=paper_s)
-        md.append(f"| {r['atoms_per_cell']} | {r['batch']} | {r['ms_per_call']:.1f} | {p:.0f} | {p / r['ms_per_call']:.1f}x | "
-                  f"{ours_s:.4f} | {paper_s:.1f} | {paper_s / ours_s:.0f}x |")
+        g = r["edge_geometry"] + (" (default)" if r["edge_geometry"] == default_geometry else "")
+        md.append(f"| {r['atoms_per_cell']} | {r['batch']} | {g} | {r['ms_per_call']:.1f} | {p:.0f} | "
+                  f"{p / r['ms_per_call']:.1f}x | {ours_s:.4f} | {paper_s:.1f} | {paper_s / ours_s:.0f}x |")
     md.append("")
-    md.append("Network-only cost (no guidance); DiffCSP figures are the issue's measurements on this machine.")
-    write("speed", dict(results=rows, settings=vars(args)), "\n".join(md))
+    md.append("Network-only cost (no guidance), the default network with each `edge_geometry` option "
+              "(calls interleaved); DiffCSP figures are the issue's measurements on this machine.")
+    write("speed" + _suffix(args), dict(results=rows, settings=vars(args)), "\n".join(md))
 
 
 def on_site_rate(structures, tol: float = 0.1) -> float:
