@@ -1490,7 +1490,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--n-samples", type=int, default=100)
     p.add_argument("--score-ratio", type=float, nargs="+", default=[4.0],
-                   help="one or more guidance score ratios r (1:r); table1/table2/d1 report each; csp picks one on --n-val validation targets, or without them reports the first and sweeps all on the test targets")
+                   help="one or more guidance score ratios r (1:r); table1/table2/d1 report each; csp picks one "
+                        "on --n-val validation targets, or without them reports the first and sweeps all on the "
+                        "test targets")
     p.add_argument("--select-by", choices=["all", "valid-pairs"], default="all",
                    help="csp with --n-val: choose the score ratio by the validation match rate over all samples "
                         "or counting valid pairs only (DiffCSP's gate)")
