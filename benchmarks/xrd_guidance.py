@@ -245,6 +245,17 @@ TOL_TABLE1 = dict(stol=0.05, angle_tol=10, ltol=0.3)
 CRYSTALS_12 = ("crystal-1", "crystal-2")
 
 
+def _sample_seed(args) -> int:
+    """Seed of the sampling draws of table1 / failures: ``--sample-seed``, else the training ``--seed``."""
+    return args.seed if getattr(args, "sample_seed", None) is None else args.sample_seed
+
+
+def _sample_seed_note(args) -> str:
+    if getattr(args, "sample_seed", None) is None or args.sample_seed == args.seed:
+        return ""
+    return f" Sampling seed {args.sample_seed} (training seed {args.seed}): fresh draws from the same prior."
+
+
 def _crystal12_model(args):
     """Training set, fitted (or loaded) model, targets and lattice argument of the Crystal-1/2 experiments."""
     train = make_perovskite_arrangements(list(CRYSTALS_12), args.n_train, random_state=args.seed)
@@ -262,7 +273,7 @@ def _crystal12_rates(model, targets, lat, args, guided: bool, candidates: int = 
     ``exchange_out["seconds"]`` the mean time of that step per structure."""
     n, rates, secs = args.n_samples, {}, []
     if not guided:
-        out = model.sample("CoN2OTl", n_samples=n * candidates, random_state=args.seed + 1, **lat)
+        out = model.sample("CoN2OTl", n_samples=n * candidates, random_state=_sample_seed(args) + 1, **lat)
         for name in CRYSTALS_12:
             I = single_crystal_intensities(targets[name])
             kept = out if candidates == 1 else best_of(out, [I] * n, candidates)
@@ -273,7 +284,7 @@ def _crystal12_rates(model, targets, lat, args, guided: bool, candidates: int = 
     ex_secs = []
     for k, name in enumerate(CRYSTALS_12):
         I = single_crystal_intensities(targets[name])
-        out = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=args.seed + 2 + k,
+        out = model.sample("CoN2OTl", n_samples=n, intensities=I, random_state=_sample_seed(args) + 2 + k,
                            n_candidates=candidates, **lat)
         secs.append(model.last_sample_stats_["seconds_per_structure"])
         rates[name] = float(match_rate(out, [targets[name]] * n, **TOL_TABLE1))
@@ -325,7 +336,7 @@ def table1(args) -> None:
               f"corrector step_lr {args.step_lr:g}; score ratio measured against "
               + ("the network's normalised output score/sqrt(lambda_t) (ratio_reference='prediction')."
                  if args.ratio_reference == "prediction" else "the score (ratio_reference='score').")
-              + ranked_note(args) + exchange_note(args) + corrector_note(args))
+              + ranked_note(args) + exchange_note(args) + corrector_note(args) + _sample_seed_note(args))
     write("table1" + _suffix(args), dict(results=res, paper=paper, settings=dict(vars(args), n_train_total=len(train)),
                                          seconds=dict(fit=t_fit, per_structure_unguided=t_ung,
                                                       per_structure_guided=float(np.mean(t_g)),
@@ -394,7 +405,7 @@ def failures(args) -> None:
                 lat = dict(lattice=targets[name].cell[:]) if mode == "lattice given" else {}
                 out = model.sample("CoN2OTl", n_samples=args.n_samples,
                                    intensities=single_crystal_intensities(targets[name]),
-                                   random_state=args.seed + 2 + k, **lat)
+                                   random_state=_sample_seed(args) + 2 + k, **lat)
                 counts = classify_samples(out, refs)
                 other = names["crystal-2" if name == "crystal-1" else "crystal-1"]
                 row = dict(target=counts.get(names[name], 0), other_crystal=counts.get(other, 0),
@@ -1555,6 +1566,10 @@ def main() -> None:
     p.add_argument("--tag", default="",
                    help="suffix of the result files (xrd_<experiment>_<tag>.md), for variants of a run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-seed", type=int, default=None,
+                   help="table1 / failures: seed of the sampling draws (default --seed); a loaded --model with another "
+                        "--sample-seed gives fresh samples of the same prior, e.g. to confirm a ratio chosen on "
+                        "other draws")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
