@@ -41,3 +41,12 @@ def test_classify_samples_names_target_collapse_and_off_site(bench):
     off.set_scaled_positions(pos)
     counts = bench.classify_samples([c1, c2, c2, collapsed, off], refs)
     assert counts == {"O|N|CoNTl": 1, "Tl|O|CoNN": 2, "two atoms < 0.5 A": 1, "off-site": 1}
+
+
+def test_sample_seed_defaults_to_the_training_seed_and_is_reported_when_it_differs(bench):
+    from types import SimpleNamespace
+    same = SimpleNamespace(seed=40, sample_seed=None)
+    assert bench._sample_seed(same) == 40 and bench._sample_seed_note(same) == ""
+    fresh = SimpleNamespace(seed=40, sample_seed=200)
+    assert bench._sample_seed(fresh) == 200
+    assert "Sampling seed 200 (training seed 40)" in bench._sample_seed_note(fresh)
