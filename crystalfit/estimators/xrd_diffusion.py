@@ -337,8 +337,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
             # guided samples overlap atoms (< 0.5 A) and so lost 10 points under DiffCSP's gate
             "perov_5": dict(max_epochs=200, batch_size=64, n_steps=100, score_ratio=1.0, step_lr=5e-7),
             # 300 epochs is short for Carbon-24: continuing such a fit 300 epochs at learning rate 3e-4
-            # (set_params(warm_start=True, learning_rate=3e-4).fit(train)) raised one split's guided rate from
-            # 35 to 51% (docs/xrd_guided_diffusion.md, "Longer training on Carbon-24", session 25)
+            # (set_params(warm_start=True, learning_rate=3e-4).fit(train)) gave 51% guided on two splits (from 35
+            # and 45%; docs/xrd_guided_diffusion.md, "Longer training on Carbon-24", session 25)
             "carbon_24": dict(max_epochs=300, batch_size=64, n_steps=100, score_ratio=6.0, step_lr=5e-6),
             "paper": dict(
                 network=dict(hidden_scalars=512, hidden_vectors=64, n_layers=6),
