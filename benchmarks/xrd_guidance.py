@@ -251,9 +251,10 @@ def _sample_seed(args) -> int:
 
 
 def _sample_seed_note(args) -> str:
-    if getattr(args, "sample_seed", None) is None or args.sample_seed == args.seed:
+    seed = _sample_seed(args)
+    if seed == args.seed:
         return ""
-    return f" Sampling seed {args.sample_seed} (training seed {args.seed}): fresh draws from the same prior."
+    return f" Sampling seed {seed} (training seed {args.seed}): fresh draws from the same prior."
 
 
 def _crystal12_model(args):
@@ -430,7 +431,8 @@ def failures(args) -> None:
           + (f" (the last {args.epochs} continued from {args.continue_from} with learning rate {args.lr:g}"
              f"{f', EMA decay {args.ema_decay:g}' if args.ema_decay else ''})" if args.continue_from else "") + "."
           + training_note(args)
-          + corrector_note(args)]
+          + corrector_note(args)
+          + _sample_seed_note(args)]
     write("table1_failures" + _suffix(args), dict(results=res, settings=dict(vars(args), n_train_total=len(train)),
                                                   seconds=dict(fit=t_fit)), "\n".join(md))
 
