@@ -433,7 +433,7 @@ def test_presets_are_valid_and_table1_matches_its_benchmark():
     assert params["max_epochs"] == demo["epochs"] and params["network"]["lmax"] == demo["network"]["lmax"]
     # the CSP presets carry the settings of their committed benchmarks and the ratio chosen there on validation
     for name, stem, ratio_key in (("perov_5", "xrd_csp_perov_5_niggli_val_envelope", "chosen_score_ratio"),
-                                  ("carbon_24", "xrd_csp_carbon_24_niggli_val", "chosen_score_ratio")):
+                                  ("carbon_24", "xrd_csp_carbon_24_niggli_val_600ep_seed0", "chosen_score_ratio")):
         bench = json.loads((results / f"{stem}.json").read_text())
         params = XRDGuidedDiffusion.preset(name).get_params()
         for key in ("max_epochs", "batch_size", "n_steps", "step_lr", "learn_lattice", "polar_lattice",
