@@ -432,15 +432,14 @@ def test_presets_are_valid_and_table1_matches_its_benchmark():
         assert params[key] == demo[key], key
     assert params["max_epochs"] == demo["epochs"] and params["network"]["lmax"] == demo["network"]["lmax"]
     # the CSP presets carry the settings of their committed benchmarks and the ratio chosen there on validation
-    for name, stem, ratio_key in (("perov_5", "xrd_csp_perov_5_niggli_val_envelope", "chosen_score_ratio"),
-                                  ("carbon_24", "xrd_csp_carbon_24_niggli_val_600ep_seed0", "chosen_score_ratio")):
+    for name, stem in (("perov_5", "xrd_csp_perov_5_niggli_val_envelope"),
+                       ("carbon_24", "xrd_csp_carbon_24_niggli_val_600ep_seed0")):
         bench = json.loads((results / f"{stem}.json").read_text())
         params = XRDGuidedDiffusion.preset(name).get_params()
         for key in ("max_epochs", "batch_size", "n_steps", "step_lr", "learn_lattice", "polar_lattice",
                     "learning_rate", "zero_variance", "expected_intensity"):
             assert params[key] == bench["model"]["params"][key], (name, key)
-        ratio = bench[ratio_key] if ratio_key else bench["settings"]["score_ratio"][0]
-        assert params["score_ratio"] == ratio, name
+        assert params["score_ratio"] == bench["chosen_score_ratio"], name
 
 
 def test_parameter_ema_matches_slow_recursion():

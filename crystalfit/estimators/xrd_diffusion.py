@@ -324,8 +324,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         Perov-5's by DiffCSP's gated rate (valid pairs only): Perov-5 59.5 / 74% unguided / guided,
         57.5 / 65% gated; Carbon-24 23 / 51% (gated 50%), and 63% and 57% guided on two other splits;
         its fits took 5,500-5,600 s with three sharing two CPU cores, a 300-epoch fit 1,771 s on a free
-        core; both trained on Niggli-reduced cells, ``load_dataset(..., reduce="niggli")``), "paper" (the paper's 512x6 network and full
-        1000-step grid)."""
+        core; both trained on Niggli-reduced cells, ``load_dataset(..., reduce="niggli")``), "paper"
+        (the paper's 512x6 network and full 1000-step grid)."""
         presets = {
             # crystalfit demo's: lmax 1 (1.5x less time per step than lmax 2) and a 3x higher learning rate
             # sampling: the guidance in the corrector too and held off the network's Jacobian, at 1:1.5 and
