@@ -15,6 +15,7 @@ Usage (each writes benchmarks/results/xrd_<experiment>.json and .md)::
     python benchmarks/xrd_guidance.py failures --model DIR   # what Table 1's guided samples are when they miss
     python benchmarks/xrd_guidance.py edges      # no model: edges the backbone's default envelope switches off
     python benchmarks/xrd_guidance.py d1-diagnosis --model DIR   # a learned D1 prior against the exact one
+    python benchmarks/xrd_guidance.py csp-overlap --dataset carbon_24   # no model: held-out vs training matches
 
 All runs: CPU, torch.set_num_threads(--threads), float32, fixed seeds.
 """
@@ -40,6 +41,7 @@ from crystalfit.datasets import (
     make_perovskite_arrangements,
 )
 from crystalfit.exceptions import CrystalfitError
+from crystalfit.io import to_structure
 from crystalfit.diffusion import WrappedNormalTorus
 from crystalfit.metrics import best_candidates, match_rate, match_rms, r_factor
 from crystalfit.metrics.validity import structure_validity
@@ -589,7 +591,8 @@ def table_d1(args) -> None:
 
 
 # ------------------------------------------------------------------------ CSP
-def csp(args) -> None:
+def csp_splits(args) -> tuple[list, list, list]:
+    """The csp experiment's (train, validation, test) structures for --dataset, --seed, --n-* and --reduce."""
     name = args.dataset
     red = dict(reduce=args.reduce)  # "niggli": DiffCSP's preprocessing (SPEC.md: niggli true, primitive false)
     if name == "perov_5":
@@ -608,6 +611,13 @@ def csp(args) -> None:
     train = dev + [val[i] for i in perm[n_test + n_val:]]
     if args.n_train and args.n_train < len(train):
         train = train[: args.n_train]
+    return train, valid, test
+
+
+def csp(args) -> None:
+    name = args.dataset
+    train, valid, test = csp_splits(args)
+    n_test, n_val = args.n_test, args.n_val
     model, t_fit = fit_model(train, args, score_ratio=args.score_ratio[0])
 
     def inputs(structures):
@@ -676,7 +686,7 @@ def csp(args) -> None:
           + " |", "|---|" + "---|" * len(cols),
           "| ours | " + " | ".join(pct(res[c]) for c in cols) + " |",
           "| paper Table 3 | " + " | ".join(pct(paper[c]) if c in paper else "-" for c in cols) + " |", "",
-          f"{name}: train {len(train)} structures, test {n_test} held out (seeded split of val{' + perov_5_dev train' if dev else ''}); "
+          f"{name}: train {len(train)} structures, test {n_test} held out (seeded split of val{' + perov_5_dev train' if name == 'perov_5' else ''}); "
           "1-sample CSP match rate, StructureMatcher stol 0.5, angle_tol 10, ltol 0.3, without validity gating "
           "and, in the columns 'valid pairs only', with DiffCSP's (a pair counts only if both structures are valid: "
           "SMACT composition and no two atoms closer than 0.5 A; `match_rate(gate='diffcsp')`); structurally "
@@ -720,6 +730,56 @@ def csp(args) -> None:
 
 
 # ---------------------------------------------------------- search baseline (no model)
+def csp_overlap(args) -> None:
+    """How much of each csp held-out split a prior could reach by reproducing its training structures.
+
+    For every held-out structure: is any training structure of the same formula (atom counts as written) a match
+    (stol 0.5, angle_tol 10, ltol 0.3, no gate: the csp metric), and what share of those training structures
+    match it, i.e. the 1-sample match rate of drawing a training structure of the target's formula at random.
+    """
+    rows = {}
+    t0 = time.perf_counter()
+    for seed in args.split_seeds:
+        train, valid, test = csp_splits(argparse.Namespace(**{**vars(args), "seed": seed}))
+        train_s = [to_structure(t) for t in train]
+        by_formula: dict = {}
+        for s in train_s:
+            by_formula.setdefault(s.composition.formula, []).append(s)
+        for split, held in (("validation", valid), ("test", test)):
+            held_s = [to_structure(h) for h in held]
+            gen, ref, owner = [], [], []
+            for i, h in enumerate(held_s):
+                same = by_formula.get(h.composition.formula, [])
+                gen += same
+                ref += [h] * len(same)
+                owner += [i] * len(same)
+            rms = match_rms(gen, ref, stol=0.5, angle_tol=10, ltol=0.3, n_jobs=1) if gen else np.zeros(0)
+            owner = np.asarray(owner, dtype=int)
+            hit = np.isfinite(rms)
+            n_same = np.bincount(owner, minlength=len(held_s))
+            n_hit = np.bincount(owner, weights=hit.astype(float), minlength=len(held_s))
+            share = np.divide(n_hit, n_same, out=np.zeros(len(held_s)), where=n_same > 0)
+            rows[f"{seed}/{split}"] = dict(
+                n_held_out=len(held_s), n_train=len(train_s), pairs=int(len(gen)),
+                any_training_match=float(np.mean(n_hit > 0)), random_training_draw=float(np.mean(share)),
+                mean_same_formula=float(np.mean(n_same)))
+            print(seed, split, rows[f"{seed}/{split}"], f"{time.perf_counter() - t0:.0f} s", flush=True)
+    md = ["| split seed / held-out set | targets | training structures | a training structure matches | "
+          "random training structure of the formula matches (1-sample) | training structures of the formula (mean) |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {k} | {r['n_held_out']} | {r['n_train']} | {pct(r['any_training_match'])} | "
+           f"{pct(r['random_training_draw'])} | {r['mean_same_formula']:.0f} |" for k, r in rows.items()]
+    md += ["", f"{args.dataset}, the csp experiment's splits (--n-test {args.n_test}, --n-val {args.n_val}, reduce "
+           f"{args.reduce}, seeds {args.split_seeds}).  No model: each held-out structure is compared (StructureMatcher "
+           "stol 0.5, angle_tol 10, ltol 0.3, no validity gate, as the csp match rate) with every training structure "
+           "of the same formula.  'a training structure matches': a prior that could pick the right training "
+           "structure would match this share; 'random training structure of the formula': the expected 1-sample "
+           "match rate of a prior that reproduces the training set, drawing a structure of the target's formula "
+           "at random, which is what an unguided sample given only the composition can do without generalising."]
+    write(f"csp_overlap_{args.dataset}" + (f"_{args.tag}" if args.tag else ""),
+          dict(results=rows, settings=vars(args), seconds=dict(total=time.perf_counter() - t0)), "\n".join(md))
+
+
 def grid_search_positions(atoms, intensities, rng, spacing: float = 0.5, d_min: float = 1.0, hkl_range: int = 2):
     """A structure solution with no learned model, to tell how hard a benchmark is: start from random
     positions in the given cell and repeat (site exchange to convergence, then the single move of one atom to
@@ -1491,7 +1551,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("experiment", choices=["table1", "table2", "d1", "csp", "speed", "ablation", "search",
                                                   "arrangement-loss", "oracle", "table2-diagnosis", "failures", "edges",
-                                                  "d1-diagnosis"])
+                                                  "d1-diagnosis", "csp-overlap"])
     p.add_argument("--dataset", default="perov_5")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
@@ -1572,6 +1632,8 @@ def main() -> None:
                    help="table1 / failures: seed of the sampling draws (default --seed); a loaded --model with another "
                         "--sample-seed gives fresh samples of the same prior, e.g. to confirm a ratio chosen on "
                         "other draws")
+    p.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="csp-overlap: the --seed values of the csp splits to examine")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
@@ -1579,7 +1641,7 @@ def main() -> None:
     {"table1": table1, "table2": table2, "d1": table_d1, "csp": csp, "speed": speed,
      "ablation": ablation, "search": search_baseline, "arrangement-loss": arrangement_loss,
      "oracle": oracle, "table2-diagnosis": table2_diagnosis, "failures": failures, "edges": edges,
-     "d1-diagnosis": d1_diagnosis}[args.experiment](args)
+     "d1-diagnosis": d1_diagnosis, "csp-overlap": csp_overlap}[args.experiment](args)
 
 
 if __name__ == "__main__":
