@@ -41,8 +41,8 @@ from crystalfit.datasets import (
     make_perovskite_arrangements,
 )
 from crystalfit.exceptions import CrystalfitError
-from crystalfit.io import to_structure
 from crystalfit.diffusion import WrappedNormalTorus
+from crystalfit.io import to_structure
 from crystalfit.metrics import best_candidates, match_rate, match_rms, r_factor
 from crystalfit.metrics.validity import structure_validity
 from crystalfit.xrd import exchange_sites, single_crystal_intensities
@@ -729,7 +729,6 @@ def csp(args) -> None:
           "\n".join(md))
 
 
-# ---------------------------------------------------------- search baseline (no model)
 def csp_overlap(args) -> None:
     """How much of each csp held-out split a prior could reach by reproducing its training structures.
 
@@ -780,6 +779,7 @@ def csp_overlap(args) -> None:
           dict(results=rows, settings=vars(args), seconds=dict(total=time.perf_counter() - t0)), "\n".join(md))
 
 
+# ---------------------------------------------------------- search baseline (no model)
 def grid_search_positions(atoms, intensities, rng, spacing: float = 0.5, d_min: float = 1.0, hkl_range: int = 2):
     """A structure solution with no learned model, to tell how hard a benchmark is: start from random
     positions in the given cell and repeat (site exchange to convergence, then the single move of one atom to
