@@ -761,7 +761,7 @@ def csp_overlap(args) -> None:
             rows[f"{seed}/{split}"] = dict(
                 n_held_out=len(held_s), n_train=len(train_s), pairs=int(len(gen)),
                 any_training_match=float(np.mean(n_hit > 0)), random_training_draw=float(np.mean(share)),
-                # k independent draws (with replacement) from the target's same-formula training structures
+                # 20 independent draws (with replacement) from the target's same-formula training structures
                 random_training_draws_20=float(np.mean(1.0 - (1.0 - share) ** 20)),
                 mean_same_formula=float(np.mean(n_same)),
                 per_target=dict(same_formula=n_same.tolist(), matching=n_hit.astype(int).tolist()))
