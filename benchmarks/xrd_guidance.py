@@ -107,7 +107,7 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
               polar_lattice=args.polar_lattice, step_lr=args.step_lr, ratio_reference=args.ratio_reference,
               ema_decay=args.ema_decay, timestep_density=args.timestep_density,
               augment_basis=args.augment_basis, guide_corrector=args.guide_corrector,
-              guidance_jacobian=args.guidance_jacobian)
+              guidance_jacobian=args.guidance_jacobian, input_perturbation=args.input_perturbation)
     if args.network:
         kw["network"] = json.loads(args.network)
     kw.update(params)
@@ -214,6 +214,10 @@ def training_note(args) -> str:
     if args.augment_basis:
         parts.append("each training cell described at every step in a basis drawn from its 48 signed-permutation "
                      "relabellings (augment_basis=True; the same crystals, not in the paper)")
+    if args.input_perturbation > 0:
+        parts.append(f"coordinate noise of each training cell scaled by sqrt(1 + ({args.input_perturbation:g} u)^2), "
+                     "u uniform, target the score at sigma_t of the applied displacement "
+                     f"(input_perturbation={args.input_perturbation:g}; not in the paper)")
     return (" Training: " + "; ".join(parts) + ".") if parts else ""
 
 
@@ -334,7 +338,8 @@ def table1(args) -> None:
               f"train {len(train)} noisy structures (paper 10,000), {args.epochs} epochs (paper 40,000), "
               f"batch {args.batch_size}{f', weights EMA decay {args.ema_decay:g}' if args.ema_decay else ''}"
               f"{', training times drawn with P(t) growing as t (timestep_density=linear)' if args.timestep_density == 'linear' else ''}"
-              f"{', cells relabelled by random signed permutations of the basis (augment_basis=True)' if args.augment_basis else ''}; {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
+              f"{', cells relabelled by random signed permutations of the basis (augment_basis=True)' if args.augment_basis else ''}"
+              f"{f', coordinate noise scaled by sqrt(1 + ({args.input_perturbation:g} u)^2), u uniform (input_perturbation)' if args.input_perturbation else ''}; {'zero-variance' if args.zero_variance else 'stochastic'} sampling with "
               f"{args.steps} steps; guidance intensity {'Eq. 40 |E F|^2' if args.paper_intensity else 'E|F|^2'}; "
               f"corrector step_lr {args.step_lr:g}; score ratio measured against "
               + ("the network's normalised output score/sqrt(lambda_t) (ratio_reference='prediction')."
@@ -1607,6 +1612,9 @@ def main() -> None:
     p.add_argument("--augment-basis", action="store_true",
                    help="train on random signed-permutation relabellings of each cell's basis "
                         "(XRDGuidedDiffusion(augment_basis=True))")
+    p.add_argument("--input-perturbation", type=float, default=0.0,
+                   help="XRDGuidedDiffusion(input_perturbation=gamma): coordinate noise of each training cell "
+                        "scaled by sqrt(1 + (gamma u)^2), u uniform; 0 (default) is DiffCSP's training")
     p.add_argument("--timestep-density", choices=["uniform", "linear"], default="uniform",
                    help="training-time distribution (XRDGuidedDiffusion(timestep_density=)): uniform (DiffCSP) or "
                         "linear (P(t) grows as t)")

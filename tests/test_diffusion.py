@@ -11,6 +11,7 @@ from crystalfit.diffusion import (
     CosineBetaSchedule,
     LatticeDDPM,
     WrappedNormalTorus,
+    perturbed_noise_scale,
     sample_timesteps,
     wrap01,
     wrapped_normal_d2_log_p,
@@ -84,6 +85,26 @@ def test_sample_timesteps_linear_distribution(T):
 def test_sample_timesteps_rejects_unknown_density():
     with pytest.raises(CrystalfitError, match="timestep density 'cosine' is not supported"):
         sample_timesteps(3, 10, density="cosine")
+
+
+def test_perturbed_noise_scale_distribution():
+    """sqrt(1 + (gamma u)^2) with u uniform: recover u and check its quantiles; gamma 0 gives ones."""
+    n, gamma = 100_000, 2.0
+    s = perturbed_noise_scale(n, gamma, torch.Generator().manual_seed(1), dtype=F64)
+    assert s.shape == (n,) and s.dtype == F64
+    assert float(s.min()) >= 1.0 and float(s.max()) < math.sqrt(1 + gamma**2)
+    u = torch.sqrt(s**2 - 1) / gamma
+    q = torch.quantile(u, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=F64))
+    assert torch.allclose(q, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=F64), atol=0.01)
+    # mean variance factor 1 + gamma^2 / 3
+    assert abs(float((s**2).mean()) - (1 + gamma**2 / 3)) < 0.02
+    assert torch.equal(perturbed_noise_scale(5, 0.0), torch.ones(5))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_perturbed_noise_scale_rejects_bad_gamma(bad):
+    with pytest.raises(CrystalfitError, match="input perturbation gamma must be a finite float >= 0"):
+        perturbed_noise_scale(3, bad)
 
 
 def test_cosine_schedule_values():

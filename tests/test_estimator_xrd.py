@@ -528,6 +528,60 @@ def test_timestep_density(data, monkeypatch):
         _model(timestep_density="cosine").fit(data)
 
 
+def test_input_perturbation(data, monkeypatch):
+    """gamma > 0 scales each crystal's coordinate noise by its factor, and the target is the score of
+    the displacement actually applied (q_sample and training_target see the same noise); gamma = 0
+    draws nothing extra, and score() never perturbs."""
+    from crystalfit.diffusion import WrappedNormalTorus
+    from crystalfit.estimators import xrd_diffusion as xd
+
+    plain = _model().fit(data)
+    assert _model(input_perturbation=0.0).fit(data).history_ == plain.history_
+    factors, applied, targeted = [], [], []
+    orig_scale = xd.perturbed_noise_scale
+    orig_q, orig_target = WrappedNormalTorus.q_sample, WrappedNormalTorus.training_target
+
+    def scale_spy(n, gamma, *args, **kwargs):
+        f = orig_scale(n, gamma, *args, **kwargs)
+        factors.append((gamma, f))
+        return f
+
+    def q_spy(self, x0, sigma, noise):
+        applied.append(noise.clone())
+        return orig_q(self, x0, sigma, noise)
+
+    def target_spy(self, noise, t):
+        targeted.append(noise.clone())
+        return orig_target(self, noise, t)
+
+    monkeypatch.setattr(xd, "perturbed_noise_scale", scale_spy)
+    monkeypatch.setattr(WrappedNormalTorus, "q_sample", q_spy)
+    monkeypatch.setattr(WrappedNormalTorus, "training_target", target_spy)
+    model = _model(input_perturbation=1.5).fit(data)
+    assert len(factors) == 4 and all(g == 1.5 for g, _ in factors)  # 2 epochs x 2 batches
+    assert len(applied) == len(targeted) == 4
+    for (_, f), a, b in zip(factors, applied, targeted):
+        assert torch.equal(a, b)
+        assert float(f.min()) >= 1 and float(f.max()) < np.sqrt(1 + 1.5**2) and float(f.std()) > 0
+    assert model.history_ != plain.history_
+    # the same draws without the factors: the noise of crystal c is its factor times the unperturbed one
+    factors.clear(), applied.clear()
+    monkeypatch.setattr(xd, "perturbed_noise_scale", lambda n, gamma, *a, **k: torch.full((n,), 3.0))
+    _model(input_perturbation=1.0, max_epochs=1).fit(data)
+    tripled = [x.clone() for x in applied]
+    applied.clear()
+    monkeypatch.setattr(xd, "perturbed_noise_scale", lambda n, gamma, *a, **k: torch.ones(n))
+    _model(input_perturbation=1.0, max_epochs=1).fit(data)
+    assert all(torch.allclose(x, 3 * y) for x, y in zip(tripled, applied))
+    factors.clear()
+    monkeypatch.setattr(xd, "perturbed_noise_scale", scale_spy)
+    model.score(data[:8])
+    assert factors == []
+    for bad in (-0.5, float("nan"), "1", True):
+        with pytest.raises(CrystalfitError, match="input_perturbation must be a finite float >= 0"):
+            _model(input_perturbation=bad).fit(data)
+
+
 def test_denoising_loss_by_time_range(fitted, data, monkeypatch):
     """score is -denoising_loss over 1..T; a t_range draws only its times, on a stratified grid, and
     repeats its noise exactly, so two sets of structures are compared on paired draws."""

@@ -12,7 +12,13 @@ periodic coordinates.
   quadrature ``sigma_norm``.
 """
 from crystalfit.diffusion.lattice import LatticeDDPM
-from crystalfit.diffusion.schedules import TIMESTEP_DENSITIES, CosineBetaSchedule, check_time_index, sample_timesteps
+from crystalfit.diffusion.schedules import (
+    TIMESTEP_DENSITIES,
+    CosineBetaSchedule,
+    check_time_index,
+    perturbed_noise_scale,
+    sample_timesteps,
+)
 from crystalfit.diffusion.torus import (
     WrappedNormalTorus,
     wrap01,
@@ -29,6 +35,7 @@ __all__ = [
     "LatticeDDPM",
     "WrappedNormalTorus",
     "check_time_index",
+    "perturbed_noise_scale",
     "sample_timesteps",
     "wrap01",
     "wrapped_normal_log_density",

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from crystalfit.exceptions import CrystalfitError
 
-__all__ = ["CosineBetaSchedule", "TIMESTEP_DENSITIES", "check_time_index", "sample_timesteps"]
+__all__ = ["CosineBetaSchedule", "TIMESTEP_DENSITIES", "check_time_index", "perturbed_noise_scale", "sample_timesteps"]
 
 #: Distributions of the training time ``t`` accepted by :func:`sample_timesteps`.
 TIMESTEP_DENSITIES = ("uniform", "linear")
@@ -50,6 +50,42 @@ def sample_timesteps(n: int, T: int, generator: torch.Generator | None = None, d
         return torch.randint(1, T + 1, (n,), generator=generator, device=device)
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
     return torch.clamp(torch.ceil(T * torch.sqrt(u)).long(), 1, T)
+
+
+def perturbed_noise_scale(n: int, gamma: float, generator: torch.Generator | None = None, device=None,
+                          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-item factors ``sqrt(1 + (gamma u)^2)``, ``u`` uniform on [0, 1), for input perturbation.
+
+    Denoising score matching trains the network only where the forward process puts its
+    inputs: at time ``t`` within a few ``sigma_t`` of the data.  A guided sampler moves
+    atoms farther than that, where the learned score has never been fitted and holds them
+    back weakly.  Scaling an item's noise by one of these factors (its variance by
+    ``1 + (gamma u)^2``, between 1 and ``1 + gamma^2``) while the network is told ``t`` and
+    regressed on the score at ``sigma_t`` of the displacement actually applied fits the
+    score out to ``sqrt(1 + gamma^2) sigma_t``: there the target points back to the data
+    point the input came from, as the score of ``p_t`` does where one data point dominates.
+    Near the data the fitted score is slightly sharper than the exact one (a mixture of
+    kernels at ``sigma_t`` and up to ``sqrt(1 + gamma^2) sigma_t``).  After input
+    perturbation (Ning et al. 2023, DDPM-IP), which perturbs the input the same way but
+    keeps the unperturbed noise as target.
+
+    Parameters
+    ----------
+    n : int
+        Number of items (crystals).
+    gamma : float
+        Largest relative extra noise, >= 0; 0 gives ones.
+    generator, device, dtype : as for :func:`torch.rand`.
+
+    Returns
+    -------
+    Tensor of shape (n,), values in ``[1, sqrt(1 + gamma^2))``.
+    """
+    gamma = float(gamma)
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise CrystalfitError(f"input perturbation gamma must be a finite float >= 0, got {gamma!r}; e.g. 1.0, or 0 to switch it off")
+    u = torch.rand(n, generator=generator, device=device, dtype=dtype)
+    return torch.sqrt(1 + (gamma * u) ** 2)
 
 
 def check_time_index(t: Tensor, T: int, name: str = "t") -> None:

@@ -28,7 +28,14 @@ import torch
 from torch import nn
 
 from ..data import CrystalBatch
-from ..diffusion import TIMESTEP_DENSITIES, CosineBetaSchedule, LatticeDDPM, WrappedNormalTorus, sample_timesteps
+from ..diffusion import (
+    TIMESTEP_DENSITIES,
+    CosineBetaSchedule,
+    LatticeDDPM,
+    WrappedNormalTorus,
+    perturbed_noise_scale,
+    sample_timesteps,
+)
 from ..exceptions import (
     CrystalfitError,
     NonFiniteError,
@@ -141,6 +148,14 @@ class XRDGuidedDiffusion(CrystalEstimator):
         xrd_table2_augment_basis*.md); when the data themselves are told apart by their
         orientation in the cell (Crystal-1 and Crystal-2 share a heavy frame turned by 90
         degrees), it takes that cue away (docs/xrd_guided_diffusion.md, "Table 2").
+    input_perturbation : float
+        gamma >= 0, 0 by default (DiffCSP).  With gamma > 0 the coordinate noise of each
+        training crystal is scaled by ``sqrt(1 + (gamma u)^2)``, u uniform on [0, 1), while
+        the network is told t and regressed on the wrapped-normal score at ``sigma_t`` of the
+        displacement applied (:func:`crystalfit.diffusion.perturbed_noise_scale`): the prior
+        is then fitted out to ``sqrt(1 + gamma^2) sigma_t`` from the data, where guidance
+        pushes atoms and plain denoising never trains it.  Training only; :meth:`score` and
+        :meth:`denoising_loss` use the plain loss.
     score_ratio : float
         Guidance strength r: per crystal, max|guidance| = r * max|score| (the paper's 1:r).
     hkl_range : int
@@ -261,6 +276,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         ema_decay: float = 0.0,
         timestep_density: str = "uniform",
         augment_basis: bool = False,
+        input_perturbation: float = 0.0,
         score_ratio: float = 4.0,
         hkl_range: int = 2,
         step_lr: float = 1e-5,
@@ -288,6 +304,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
         self.ema_decay = ema_decay
         self.timestep_density = timestep_density
         self.augment_basis = augment_basis
+        self.input_perturbation = input_perturbation
         self.score_ratio = score_ratio
         self.hkl_range = hkl_range
         self.step_lr = step_lr
@@ -402,6 +419,10 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 f"timestep_density must be one of {TIMESTEP_DENSITIES}, got {self.timestep_density!r}; "
                 "'uniform' is DiffCSP's, 'linear' draws the training time with probability growing as t"
             )
+        g = self.input_perturbation
+        if isinstance(g, (bool, np.bool_)) or not isinstance(g, (int, float, np.integer, np.floating)) \
+                or not (np.isfinite(g) and g >= 0):
+            raise CrystalfitError(f"input_perturbation must be a finite float >= 0, got {g!r}; e.g. 1.0, or 0 to switch it off")
         e = self.ema_decay
         if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)) \
                 or not (np.isfinite(e) and 0 <= e < 1):
@@ -430,14 +451,19 @@ class XRDGuidedDiffusion(CrystalEstimator):
         return lattice_p._tweedie_x0(lat_t, eps_hat, t).detach()
 
     def _loss(self, batch: CrystalBatch, t: torch.Tensor, gen: torch.Generator, lattice_p, torus_p,
-              hinted: bool | None = None) -> torch.Tensor:
+              hinted: bool | None = None, perturbation: float = 0.0) -> torch.Tensor:
         """DiffCSP loss (SPEC 1.2-1.3): MSE on lattice eps + MSE on the normalised coordinate score.
 
         With self-conditioning, ``hinted`` says whether the network gets the lattice estimate
-        of a first, gradient-free call (None: a fair coin drawn from ``gen``)."""
+        of a first, gradient-free call (None: a fair coin drawn from ``gen``).  ``perturbation``
+        is ``input_perturbation`` (training only): the coordinate noise of each crystal is
+        scaled by :func:`perturbed_noise_scale` and the target is the score at ``sigma_t`` of
+        the displacement actually applied."""
         dev = batch.device
         eps_l = torch.randn(batch.lattice.shape, generator=gen, device=dev, dtype=batch.dtype)
         eps_f = torch.randn(batch.frac.shape, generator=gen, device=dev, dtype=batch.dtype)
+        if perturbation > 0:
+            eps_f = eps_f * perturbed_noise_scale(batch.num_crystals, perturbation, gen, dev, batch.dtype)[batch.batch, None]
         t_atom = t[batch.batch]
         sigma = torus_p.sigma_at(t_atom, batch.frac)
         frac_t = torus_p.q_sample(batch.frac, sigma, eps_f)
@@ -503,7 +529,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 pick = torch.randint(len(ops), (sub.num_crystals,), generator=g, device=device)
                 lat, frac = relabel_basis(sub.lattice, sub.frac, ops[pick], sub.batch)
                 sub = dataclasses.replace(sub, lattice=lat, frac=frac)
-            return self._loss(sub, t, g, lattice_p, torus_p)
+            return self._loss(sub, t, g, lattice_p, torus_p, perturbation=float(self.input_perturbation))
 
         self._train(batch.num_crystals, loss_fn, generator=gen, ema_decay=float(self.ema_decay))
         return self
