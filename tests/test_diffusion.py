@@ -101,6 +101,26 @@ def test_perturbed_noise_scale_distribution():
     assert torch.equal(perturbed_noise_scale(5, 0.0), torch.ones(5))
 
 
+@pytest.mark.parametrize("sigma", [0.005, 0.01, 0.05])
+def test_perturbed_input_regression_minimiser(torus, sigma):
+    """The docstring's minimiser: data x0 ~ N(0, tau^2), input x0 + s sigma eps, target the wrapped-normal
+    score at sigma of the applied displacement.  The least-squares fit of the target on the input has
+    slope -s^2 / (tau^2 + s^2 sigma^2) = s^2 (tau^2 + sigma^2) / (tau^2 + s^2 sigma^2) times the exact
+    score's slope -1 / (tau^2 + sigma^2)."""
+    g = torch.Generator().manual_seed(5)
+    n, tau, s = 400_000, 0.01, 2.0
+    x0 = tau * torch.randn(n, generator=g, dtype=F64)
+    disp = s * sigma * torch.randn(n, generator=g, dtype=F64)
+    target = torus.score(disp, sigma)  # the score the network is trained to (its output's sign aside)
+    x = x0 + disp
+    slope = float((x * target).sum() / (x * x).sum())
+    expected = -s**2 / (tau**2 + s**2 * sigma**2)
+    assert slope == pytest.approx(expected, rel=0.01)
+    ratio = slope / (-1 / (tau**2 + sigma**2))
+    assert ratio == pytest.approx(s**2 * (tau**2 + sigma**2) / (tau**2 + s**2 * sigma**2), rel=0.01)
+    assert 1 < ratio <= s**2
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
 def test_perturbed_noise_scale_rejects_bad_gamma(bad):
     with pytest.raises(CrystalfitError, match="input perturbation gamma must be a finite float >= 0"):

@@ -64,8 +64,10 @@ def perturbed_noise_scale(n: int, gamma: float, generator: torch.Generator | Non
     regressed on the score at ``sigma_t`` of the displacement actually applied fits the
     score out to ``sqrt(1 + gamma^2) sigma_t``: there the target points back to the data
     point the input came from, as the score of ``p_t`` does where one data point dominates.
-    Near the data the fitted score is slightly sharper than the exact one (a mixture of
-    kernels at ``sigma_t`` and up to ``sqrt(1 + gamma^2) sigma_t``).  After input
+    Near the data the fitted score pulls harder than the exact one: for data of spread
+    ``tau`` and a factor ``s`` the minimiser is ``s^2 (tau^2 + sigma_t^2) / (tau^2 + s^2 sigma_t^2)``
+    times the exact score, about 1 where ``sigma_t >> tau`` and up to ``s^2`` where
+    ``sigma_t << tau`` (samples end closer to the modes' centres).  After input
     perturbation (Ning et al. 2023, DDPM-IP), which perturbs the input the same way but
     keeps the unperturbed noise as target.
 
