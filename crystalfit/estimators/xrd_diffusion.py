@@ -156,8 +156,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
         is then fitted out to ``sqrt(1 + gamma^2) sigma_t`` from the data, where guidance
         pushes atoms and plain denoising rarely trains it.  Training only; :meth:`score` and
         :meth:`denoising_loss` use the plain loss.  Measured (docs/xrd_guided_diffusion.md,
-        "Input perturbation"): gamma 1 on the joint Table 1 prior changes the guided rates by
-        about one standard error; gamma 2 lowers them, and on Table D1 it does not help.
+        "Input perturbation"): with gamma 1 one Table 1 training gained about one standard
+        error and a second lost 25-42 points; gamma 2 lowered the rates; no help on Table D1.
     score_ratio : float
         Guidance strength r: per crystal, max|guidance| = r * max|score| (the paper's 1:r).
     hkl_range : int
