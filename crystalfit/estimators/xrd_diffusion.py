@@ -411,7 +411,8 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 f"n_steps={self.n_steps} exceeds timesteps={self.timesteps}; use n_steps <= timesteps"
             )
         for name, hint in (("score_ratio", "the paper uses 3 or 4"),
-                           ("step_lr", "it is the corrector's Langevin step size: DiffCSP uses 1e-5, 0 switches it off")):
+                           ("step_lr", "it is the corrector's Langevin step size: DiffCSP uses 1e-5, 0 switches it off"),
+                           ("input_perturbation", "e.g. 1.0, or 0 to switch it off")):
             v = getattr(self, name)
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
                     or not (np.isfinite(v) and v >= 0):
@@ -421,10 +422,6 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 f"timestep_density must be one of {TIMESTEP_DENSITIES}, got {self.timestep_density!r}; "
                 "'uniform' is DiffCSP's, 'linear' draws the training time with probability growing as t"
             )
-        g = self.input_perturbation
-        if isinstance(g, (bool, np.bool_)) or not isinstance(g, (int, float, np.integer, np.floating)) \
-                or not (np.isfinite(g) and g >= 0):
-            raise CrystalfitError(f"input_perturbation must be a finite float >= 0, got {g!r}; e.g. 1.0, or 0 to switch it off")
         e = self.ema_decay
         if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)) \
                 or not (np.isfinite(e) and 0 <= e < 1):
