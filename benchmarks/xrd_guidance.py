@@ -118,7 +118,11 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
         t_fit = _fit_seconds(args.model)
         print(f"loaded {args.model} ({model.n_epochs_} epochs); sampling settings {sampling}", flush=True)
         _record(model, args.model)
+        if getattr(args, "ensemble", None):
+            _average_priors(model, args.ensemble)
         return model, t_fit
+    if getattr(args, "ensemble", None):
+        raise SystemExit("--ensemble averages saved networks: --model must name a saved model too")
     t_before = 0.0
     if args.continue_from:  # warm start: --epochs more epochs of a saved model's network
         model = XRDGuidedDiffusion.load(args.continue_from)
@@ -139,6 +143,33 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
         (Path(args.model) / "fit_seconds.txt").write_text(f"{t_fit:.1f}")
     _record(model, args.model)
     return model, t_fit
+
+
+class _AveragedDenoiser(torch.nn.Module):
+    """The mean output (lattice noise, coordinate score) of several fitted denoisers: an ensemble prior."""
+
+    def __init__(self, modules) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(modules)
+
+    def forward(self, *args, **kwargs):
+        outs = [m(*args, **kwargs) for m in self.members]
+        return tuple(torch.stack(parts).mean(0) for parts in zip(*outs))
+
+
+def _average_priors(model: XRDGuidedDiffusion, dirs) -> None:
+    """Replace ``model``'s network by the average of it and the saved models in ``dirs`` (same data and
+    settings, other training seeds); sampling then costs one call of every member per network call."""
+    others = [XRDGuidedDiffusion.load(d) for d in dirs]
+    for d, other in zip(dirs, others):
+        for attr in ("elements_", "max_atoms_", "lattice_norm_max_", "learned_lattice_", "polar_lattice_",
+                     "self_conditioned_"):
+            if getattr(other, attr, None) != getattr(model, attr, None):
+                raise SystemExit(f"--ensemble {d}: {attr} is {getattr(other, attr, None)!r}, the --model's "
+                                 f"{getattr(model, attr, None)!r}; average only models fitted on the same data")
+    model.module_ = _AveragedDenoiser([model.module_] + [o.module_ for o in others])
+    MODEL_INFO["ensemble"] = list(dirs)
+    print(f"prior averaged over {len(dirs) + 1} networks", flush=True)
 
 
 def _record(model: XRDGuidedDiffusion, path) -> None:
@@ -344,7 +375,9 @@ def table1(args) -> None:
               f"corrector step_lr {args.step_lr:g}; score ratio measured against "
               + ("the network's normalised output score/sqrt(lambda_t) (ratio_reference='prediction')."
                  if args.ratio_reference == "prediction" else "the score (ratio_reference='score').")
-              + ranked_note(args) + exchange_note(args) + corrector_note(args) + _sample_seed_note(args))
+              + ranked_note(args) + exchange_note(args) + corrector_note(args) + _sample_seed_note(args)
+              + (f" Prior: the mean score of {len(args.ensemble) + 1} networks (--model and --ensemble, "
+                 "separate trainings), each called at every step." if args.ensemble else ""))
     write("table1" + _suffix(args), dict(results=res, paper=paper, settings=dict(vars(args), n_train_total=len(train)),
                                          seconds=dict(fit=t_fit, per_structure_unguided=t_ung,
                                                       per_structure_guided=float(np.mean(t_g)),
@@ -1609,6 +1642,9 @@ def main() -> None:
                    help='network size as JSON, e.g. \'{"hidden_scalars": 128, "n_layers": 4}\' '
                         "(XRDGuidedDiffusion(network=...)); default: the estimator's")
     p.add_argument("--models", nargs="+", default=None, help="arrangement-loss: saved model directories")
+    p.add_argument("--ensemble", nargs="+", default=None,
+                   help="table1 with --model DIR: saved models (same data, other seeds) whose networks' outputs are "
+                        "averaged with DIR's, an ensemble prior")
     p.add_argument("--augment-basis", action="store_true",
                    help="train on random signed-permutation relabellings of each cell's basis "
                         "(XRDGuidedDiffusion(augment_basis=True))")

@@ -50,3 +50,34 @@ def test_sample_seed_defaults_to_the_training_seed_and_is_reported_when_it_diffe
     fresh = SimpleNamespace(seed=40, sample_seed=200)
     assert bench._sample_seed(fresh) == 200
     assert "Sampling seed 200 (training seed 40)" in bench._sample_seed_note(fresh)
+
+
+def test_ensemble_prior_is_the_mean_of_its_members(bench, tmp_path):
+    """``--ensemble``: the averaged denoiser returns the members' mean output, and models fitted on other data
+    (another element set) are refused."""
+    import torch
+
+    from crystalfit import XRDGuidedDiffusion
+    from crystalfit.datasets import make_perovskite_arrangements
+    from crystalfit.io import structures_to_batch
+
+    tiny = dict(hidden_scalars=8, hidden_vectors=2, n_layers=1, n_freqs=4, n_radial=4, time_dim=8)
+    data = make_perovskite_arrangements(["crystal-1", "crystal-2"], 16, random_state=0)
+    a, b = (XRDGuidedDiffusion(network=dict(tiny), max_epochs=1, batch_size=16, n_steps=2, random_state=s,
+                               device="cpu").fit(data) for s in (0, 1))
+    b.save(tmp_path / "b")
+    batch = structures_to_batch(data[:2]).to(dtype=torch.float32)
+    t = torch.tensor([300, 700])
+    args = (batch.lattice, batch.frac, batch.numbers, batch.num_atoms, batch.batch, t)
+    with torch.no_grad():
+        want = [(p + q) / 2 for p, q in zip(a.module_(*args), b.module_(*args))]
+        bench._average_priors(a, [tmp_path / "b"])
+        got = a.module_(*args)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)
+    assert len(a.sample("CoN2OTl", n_samples=2, random_state=0)) == 2
+    other = XRDGuidedDiffusion(network=dict(tiny), max_epochs=1, batch_size=16, n_steps=2, random_state=0,
+                               device="cpu").fit(make_perovskite_arrangements([["Ba", "Ti", "O", "O", "O"]], 16, random_state=0))
+    other.save(tmp_path / "other")
+    with pytest.raises(SystemExit, match="elements_"):
+        bench._average_priors(b, [tmp_path / "other"])
