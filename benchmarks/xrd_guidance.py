@@ -1643,8 +1643,9 @@ def main() -> None:
                         "(XRDGuidedDiffusion(network=...)); default: the estimator's")
     p.add_argument("--models", nargs="+", default=None, help="arrangement-loss: saved model directories")
     p.add_argument("--ensemble", nargs="+", default=None,
-                   help="table1 with --model DIR: saved models (same data, other seeds) whose networks' outputs are "
-                        "averaged with DIR's, an ensemble prior")
+                   help="with --model DIR: saved models (same data, other seeds) whose networks' outputs are "
+                        "averaged with DIR's, an ensemble prior (in every result's Model line; table1 also says it "
+                        "under its table)")
     p.add_argument("--augment-basis", action="store_true",
                    help="train on random signed-permutation relabellings of each cell's basis "
                         "(XRDGuidedDiffusion(augment_basis=True))")

@@ -76,8 +76,9 @@ def test_ensemble_prior_is_the_mean_of_its_members(bench, tmp_path):
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w)
     assert len(a.sample("CoN2OTl", n_samples=2, random_state=0)) == 2
+    batio3 = make_perovskite_arrangements([["Ba", "Ti", "O", "O", "O"]], 16, random_state=0)
     other = XRDGuidedDiffusion(network=dict(tiny), max_epochs=1, batch_size=16, n_steps=2, random_state=0,
-                               device="cpu").fit(make_perovskite_arrangements([["Ba", "Ti", "O", "O", "O"]], 16, random_state=0))
+                               device="cpu").fit(batio3)
     other.save(tmp_path / "other")
     with pytest.raises(SystemExit, match="elements_"):
         bench._average_priors(b, [tmp_path / "other"])
