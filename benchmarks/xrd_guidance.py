@@ -118,10 +118,10 @@ def fit_model(train, args, **params) -> tuple[XRDGuidedDiffusion, float]:
         t_fit = _fit_seconds(args.model)
         print(f"loaded {args.model} ({model.n_epochs_} epochs); sampling settings {sampling}", flush=True)
         _record(model, args.model)
-        if getattr(args, "ensemble", None):
+        if args.ensemble:
             _average_priors(model, args.ensemble)
         return model, t_fit
-    if getattr(args, "ensemble", None):
+    if args.ensemble:
         raise SystemExit("--ensemble averages saved networks: --model must name a saved model too")
     t_before = 0.0
     if args.continue_from:  # warm start: --epochs more epochs of a saved model's network

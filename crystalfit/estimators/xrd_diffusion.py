@@ -103,6 +103,12 @@ class CSPDenoiser(nn.Module):
         return out["lattice"], out["frac_vectors"] + out["atom_scalars"]
 
 
+def _is_finite_real(v) -> bool:
+    """True for a finite int or float (numpy scalars too), False for bools, strings, None, NaN and infinities."""
+    return (not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer, np.floating))
+            and bool(np.isfinite(v)))
+
+
 class XRDGuidedDiffusion(CrystalEstimator):
     """Crystal structure prediction by diffusion, optionally guided by XRD intensities.
 
@@ -414,8 +420,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
                            ("step_lr", "it is the corrector's Langevin step size: DiffCSP uses 1e-5, 0 switches it off"),
                            ("input_perturbation", "e.g. 1.0, or 0 to switch it off")):
             v = getattr(self, name)
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                    or not (np.isfinite(v) and v >= 0):
+            if not (_is_finite_real(v) and v >= 0):
                 raise CrystalfitError(f"{name} must be a finite float >= 0, got {v!r}; {hint}")
         if self.timestep_density not in TIMESTEP_DENSITIES:
             raise CrystalfitError(
@@ -423,8 +428,7 @@ class XRDGuidedDiffusion(CrystalEstimator):
                 "'uniform' is DiffCSP's, 'linear' draws the training time with probability growing as t"
             )
         e = self.ema_decay
-        if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)) \
-                or not (np.isfinite(e) and 0 <= e < 1):
+        if not (_is_finite_real(e) and 0 <= e < 1):
             raise CrystalfitError(f"ema_decay must be a float in [0, 1), got {e!r}; e.g. 0.999, or 0 to switch it off")
         if not isinstance(self.hkl_range, (int, np.integer)) or self.hkl_range < 1:
             raise CrystalfitError(f"hkl_range must be a positive integer, got {self.hkl_range!r}; the paper uses 2")
